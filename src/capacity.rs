@@ -1,0 +1,1 @@
+//! Free space, the plan's needs, and PVC expansion.

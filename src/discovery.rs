@@ -1,0 +1,1 @@
+//! Discovery of ImageStreams through the Kubernetes API.

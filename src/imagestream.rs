@@ -1,0 +1,268 @@
+//! The ImageStream objects of `image.openshift.io/v1`, as far as the archiver
+//! reads them, and the parsing of `oc get is -o json` output.
+//!
+//! Only the fields the archiver needs are typed; everything else is kept in
+//! `rest` so that an ImageStream stored in the archive is the object as it was
+//! discovered (spec and status), minus nothing.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest;
+
+/// Errors while reading ImageStream JSON.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageStreamError {
+    /// The file could not be read.
+    #[error("cannot read ImageStream file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The JSON is not an ImageStream or a List of them.
+    #[error("{origin}: not an ImageStream or a List of ImageStreams: {reason}")]
+    Shape {
+        /// Where the JSON came from (file name or API path).
+        origin: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Object metadata: the fields the archiver reads, the rest kept verbatim.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ObjectMeta {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    #[serde(default)]
+    pub namespace: String,
+    /// Labels, for `--selector` on offline input.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Every other metadata field, as served.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// One ImageStream (`image.openshift.io/v1`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageStream {
+    /// `apiVersion`, normally `image.openshift.io/v1`.
+    #[serde(rename = "apiVersion", default = "default_api_version")]
+    pub api_version: String,
+    /// `kind`, normally `ImageStream`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Object metadata.
+    pub metadata: ObjectMeta,
+    /// The desired state, kept as served (restored with `--apply-imagestreams`).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub spec: Value,
+    /// The observed state: repository names and tag histories.
+    #[serde(default)]
+    pub status: ImageStreamStatus,
+}
+
+fn default_api_version() -> String {
+    "image.openshift.io/v1".into()
+}
+fn default_kind() -> String {
+    "ImageStream".into()
+}
+
+/// `status` of an ImageStream.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ImageStreamStatus {
+    /// e.g. `image-registry.openshift-image-registry.svc:5000/ns/name`.
+    #[serde(rename = "dockerImageRepository", default, skip_serializing_if = "String::is_empty")]
+    pub docker_image_repository: String,
+    /// The route's name for the repository, when exposed.
+    #[serde(rename = "publicDockerImageRepository", default, skip_serializing_if = "Option::is_none")]
+    pub public_docker_image_repository: Option<String>,
+    /// One entry per tag with its history, newest first.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub tags: Vec<NamedTagEventList>,
+    /// Other status fields, as served.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// `status.tags[]`: a tag and its events, newest first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NamedTagEventList {
+    /// The tag name.
+    pub tag: String,
+    /// Tag events; `items[0]` is the current image.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub items: Vec<TagEvent>,
+    /// Conditions and anything else, as served.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// One tag event (`status.tags[].items[]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TagEvent {
+    /// When the tag pointed at this image (RFC 3339).
+    #[serde(default)]
+    pub created: String,
+    /// Pull spec the image was recorded with.
+    #[serde(rename = "dockerImageReference", default)]
+    pub docker_image_reference: String,
+    /// The manifest (or manifest list) digest.
+    #[serde(default)]
+    pub image: String,
+    /// The spec generation that produced this event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+impl ImageStream {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.metadata.namespace, self.metadata.name)
+    }
+}
+
+/// One image to archive: a tag event of a stream, with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// Namespace of the stream.
+    pub namespace: String,
+    /// Name of the stream.
+    pub stream: String,
+    /// Tag name.
+    pub tag: String,
+    /// 0 for the current image, 1.. for history, newest first.
+    pub position: usize,
+    /// The manifest digest.
+    pub digest: Digest,
+    /// The tag event's `created`.
+    pub created: String,
+    /// The tag event's `dockerImageReference`.
+    pub docker_image_reference: String,
+}
+
+/// A tag event that could not be turned into an [`ImageRef`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadTagEvent {
+    /// `ns/name:tag` and position.
+    pub what: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Every image a stream references: each tag's current image and history.
+pub fn images_of(is: &ImageStream) -> (Vec<ImageRef>, Vec<BadTagEvent>) {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for tag in &is.status.tags {
+        for (position, item) in tag.items.iter().enumerate() {
+            match Digest::parse(&item.image) {
+                Ok(digest) => out.push(ImageRef {
+                    namespace: is.metadata.namespace.clone(),
+                    stream: is.metadata.name.clone(),
+                    tag: tag.tag.clone(),
+                    position,
+                    digest,
+                    created: item.created.clone(),
+                    docker_image_reference: item.docker_image_reference.clone(),
+                }),
+                Err(e) => bad.push(BadTagEvent {
+                    what: format!("{}:{} item {}", is.key(), tag.tag, position),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+    }
+    (out, bad)
+}
+
+/// True when `reference` (a `dockerImageReference`) names an image on `registry`.
+pub fn is_on_registry(reference: &str, registry: &str, internal_repo: &str) -> bool {
+    let host = internal_repo.split('/').next().unwrap_or_default();
+    let starts = |h: &str| !h.is_empty() && reference.starts_with(&format!("{h}/"));
+    starts(registry) || starts(host)
+}
+
+/// Parses a single ImageStream or a `List` of them (the output of
+/// `oc get is -A -o json`). `origin` names the input in errors.
+pub fn parse_list(json: &[u8], origin: &str) -> Result<Vec<ImageStream>, ImageStreamError> {
+    let shape = |reason: String| ImageStreamError::Shape {
+        origin: origin.to_string(),
+        reason,
+    };
+    let value: Value = serde_json::from_slice(json).map_err(|e| shape(e.to_string()))?;
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let items: Vec<Value> = match kind {
+        "ImageStream" => vec![value],
+        "List" | "ImageStreamList" => match value.get("items") {
+            Some(Value::Array(items)) => items.clone(),
+            Some(Value::Null) | None => Vec::new(),
+            Some(_) => return Err(shape("`items` is not an array".into())),
+        },
+        other => return Err(shape(format!("unexpected kind {other:?}"))),
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let is: ImageStream =
+                serde_json::from_value(item).map_err(|e| shape(format!("item {i}: {e}")))?;
+            if is.kind != "ImageStream" {
+                return Err(shape(format!("item {i}: kind {:?} is not ImageStream", is.kind)));
+            }
+            if is.metadata.name.is_empty() || is.metadata.namespace.is_empty() {
+                return Err(shape(format!("item {i}: metadata.name and metadata.namespace are required")));
+            }
+            Ok(is)
+        })
+        .collect()
+}
+
+/// Reads [`parse_list`] input from a file.
+pub fn read_file(path: &Path) -> Result<Vec<ImageStream>, ImageStreamError> {
+    let data = std::fs::read(path).map_err(|source| ImageStreamError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_list(&data, &path.display().to_string())
+}
+
+/// Builds the `List` JSON (`oc get is -o json` shape) for a set of streams.
+pub fn to_list(streams: &[ImageStream]) -> Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "metadata": {"resourceVersion": ""},
+        "items": streams,
+    })
+}
+
+/// Matches a label selector of the form `a=b,c!=d,e` (equality-based only).
+pub fn matches_selector(labels: &std::collections::BTreeMap<String, String>, selector: &str) -> bool {
+    selector.split(',').map(str::trim).filter(|s| !s.is_empty()).all(|term| {
+        if let Some((k, v)) = term.split_once("!=") {
+            labels.get(k.trim()).map(String::as_str) != Some(v.trim())
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            labels.get(k.trim()).map(String::as_str) == Some(v.trim())
+        } else if let Some(k) = term.strip_prefix('!') {
+            !labels.contains_key(k.trim())
+        } else {
+            labels.contains_key(term)
+        }
+    })
+}
