@@ -10,8 +10,16 @@
 //! - [`transfer`]: the copy machinery shared by backup and restore;
 //! - [`capacity`]: free space, the plan's needs, and PVC expansion.
 
+pub mod backup;
 pub mod capacity;
+pub mod closure;
 pub mod cli;
 pub mod digest;
 pub mod discovery;
 pub mod imagestream;
+pub mod index;
+pub mod layout;
+pub mod manifest;
+pub mod registry;
+pub mod report;
+pub mod transfer;

@@ -1,0 +1,538 @@
+//! Backup: plan what the archive lacks, fetch it, write it in closure
+//! order, and commit a new `index.json`.
+//!
+//! The plan is made before any blob is downloaded: it fetches only the
+//! manifests of images the archive does not have (an image whose manifest
+//! blob is present is complete, by the closure invariant) and so knows the
+//! exact bytes still to fetch, which capacity planning uses.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::digest::Digest;
+use crate::imagestream::{self, ImageRef, ImageStream};
+use crate::index::{ArchiveIndex, Entry};
+use crate::layout::{Layout, LayoutError};
+use crate::manifest::{self, Parsed};
+use crate::registry::RegistryClient;
+use crate::report::{Failure, Report};
+use crate::transfer::{self, human_bytes};
+
+/// What the backup was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Skip tag events whose image is not on the internal registry.
+    pub skip_external: bool,
+    /// Drop index entries whose tag event left its stream.
+    pub prune_history: bool,
+    /// Parallel transfers.
+    pub jobs: usize,
+    /// Log progress lines.
+    pub progress: bool,
+    /// Namespaces whose discovery failed: nothing of theirs is pruned.
+    pub failed_namespaces: Vec<String>,
+}
+
+/// A manifest fetched during planning, not yet written.
+#[derive(Debug, Clone)]
+struct Fetched {
+    bytes: Bytes,
+    parsed: Parsed,
+}
+
+/// A blob to download.
+#[derive(Debug, Clone)]
+pub struct BlobNeed {
+    /// Declared size.
+    pub size: Option<u64>,
+    /// Repository to pull it from.
+    pub repo: String,
+    /// The stream it is counted for.
+    pub stream: String,
+}
+
+/// The plan of a backup.
+#[derive(Debug, Default)]
+pub struct Plan {
+    streams: Vec<ImageStream>,
+    refs: Vec<ImageRef>,
+    external_skipped: Vec<ImageRef>,
+    /// Top-level images already complete in the archive.
+    present: HashSet<Digest>,
+    /// Manifests fetched, keyed by digest.
+    fetched: HashMap<Digest, Fetched>,
+    /// Top-level digest -> the manifests of its tree, children first.
+    trees: BTreeMap<Digest, Vec<Digest>>,
+    /// Blobs to download.
+    pub blobs: BTreeMap<Digest, BlobNeed>,
+    /// Top-level digest -> why it failed.
+    failed: HashMap<Digest, String>,
+    /// Tag events that are not usable at all.
+    bad_events: Vec<Failure>,
+    /// Blobs referenced by fetched manifests that are already present.
+    pub blobs_present: usize,
+    /// Their bytes.
+    pub bytes_present: u64,
+    /// Media type and size of committed entries, from the previous index.
+    known: HashMap<Digest, (String, u64)>,
+    previous: ArchiveIndex,
+}
+
+impl Plan {
+    /// Bytes still to download (blobs plus manifests).
+    pub fn bytes_to_fetch(&self) -> u64 {
+        self.blobs.values().map(|b| b.size.unwrap_or(0)).sum::<u64>()
+            + self.fetched.values().map(|f| f.bytes.len() as u64).sum::<u64>()
+    }
+}
+
+fn repo_of(r: &ImageRef) -> String {
+    format!("{}/{}", r.namespace, r.stream)
+}
+
+/// Builds the plan: which images are missing, their manifests, and the blobs
+/// still to fetch. Sends no request for an image already archived.
+pub async fn plan(
+    layout: Arc<Layout>,
+    client: &RegistryClient,
+    streams: Vec<ImageStream>,
+    opts: &BackupOptions,
+) -> Result<Plan, LayoutError> {
+    let previous = layout.read_index()?;
+    let mut plan = Plan {
+        known: previous
+            .entries
+            .iter()
+            .map(|e| (e.digest.clone(), (e.media_type.clone(), e.size)))
+            .collect(),
+        previous,
+        ..Default::default()
+    };
+    for is in &streams {
+        let (refs, bad) = imagestream::images_of(is);
+        plan.bad_events.extend(bad.into_iter().map(|b| Failure {
+            namespace: is.metadata.namespace.clone(),
+            imagestream: is.metadata.name.clone(),
+            tag: String::new(),
+            position: None,
+            digest: None,
+            reason: format!("{}: {}", b.what, b.reason),
+        }));
+        for r in refs {
+            let external = !r.docker_image_reference.is_empty()
+                && !imagestream::is_on_registry(
+                    &r.docker_image_reference,
+                    client.host(),
+                    &is.status.docker_image_repository,
+                );
+            if external && opts.skip_external {
+                plan.external_skipped.push(r);
+            } else {
+                plan.refs.push(r);
+            }
+        }
+    }
+    plan.streams = streams;
+
+    // Distinct missing images, each with the repositories that may serve it.
+    let mut candidates: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
+    for r in &plan.refs {
+        if plan.known.contains_key(&r.digest) || layout.has_blob(&r.digest) {
+            plan.present.insert(r.digest.clone());
+            continue;
+        }
+        let repos = candidates.entry(r.digest.clone()).or_default();
+        let repo = repo_of(r);
+        if !repos.contains(&repo) {
+            repos.push(repo);
+        }
+    }
+    tracing::info!(
+        images = plan.present.len() + candidates.len(),
+        present = plan.present.len(),
+        missing = candidates.len(),
+        "planning"
+    );
+
+    let jobs = opts.jobs.max(1);
+    let results = transfer::bounded(candidates.into_iter().collect(), jobs, {
+        let client = client.clone();
+        let layout = layout.clone();
+        move |(digest, repos): (Digest, Vec<String>)| {
+            let client = client.clone();
+            let layout = layout.clone();
+            async move {
+                let mut last = String::new();
+                for repo in &repos {
+                    match fetch_tree(&client, &layout, repo, &digest).await {
+                        Ok(tree) => return (digest, repo.clone(), Ok(tree)),
+                        Err(e) => last = e,
+                    }
+                }
+                (digest, repos[0].clone(), Err(last))
+            }
+        }
+    })
+    .await;
+
+    let mut counted: HashSet<Digest> = HashSet::new();
+    for (top, repo, result) in results {
+        match result {
+            Err(reason) => {
+                plan.failed.insert(top, reason);
+            }
+            Ok(tree) => {
+                let mut order = Vec::new();
+                for (digest, fetched) in tree {
+                    for b in &fetched.parsed.blobs {
+                        if !counted.insert(b.digest.clone()) {
+                            continue;
+                        }
+                        if layout.has_blob(&b.digest) {
+                            plan.blobs_present += 1;
+                            plan.bytes_present += b.size.unwrap_or(0);
+                        } else {
+                            plan.blobs.insert(
+                                b.digest.clone(),
+                                BlobNeed {
+                                    size: b.size,
+                                    repo: repo.clone(),
+                                    stream: repo.clone(),
+                                },
+                            );
+                        }
+                    }
+                    order.push(digest.clone());
+                    plan.fetched.insert(digest, fetched);
+                }
+                plan.trees.insert(top, order);
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Fetches a manifest and, for an index, every child manifest not yet in
+/// the archive. Returns the tree children first, the root last.
+async fn fetch_tree(
+    client: &RegistryClient,
+    layout: &Layout,
+    repo: &str,
+    top: &Digest,
+) -> Result<Vec<(Digest, Fetched)>, String> {
+    let mut out: Vec<(Digest, Fetched)> = Vec::new();
+    // (digest, depth); a stack of pending manifests, expanded depth first.
+    let mut pending = vec![(top.clone(), 0usize)];
+    let mut expanded: Vec<(Digest, Fetched)> = Vec::new();
+    let mut seen = HashSet::new();
+    while let Some((digest, depth)) = pending.pop() {
+        if !seen.insert(digest.clone()) {
+            continue;
+        }
+        if depth > 8 {
+            return Err(format!("index nesting deeper than 8 levels at {digest}"));
+        }
+        let bytes = client
+            .pull_manifest(repo, &digest)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let parsed = manifest::parse(&digest, &bytes, None).map_err(|e| e.to_string())?;
+        for child in &parsed.children {
+            if &child.digest == top || seen.contains(&child.digest) {
+                return Err(format!("index {digest} references {} again (loop)", child.digest));
+            }
+            if !layout.has_blob(&child.digest) {
+                pending.push((child.digest.clone(), depth + 1));
+            }
+        }
+        expanded.push((digest, Fetched { bytes, parsed }));
+    }
+    // Parents were expanded before children: reverse for children first.
+    while let Some(item) = expanded.pop() {
+        out.push(item);
+    }
+    Ok(out)
+}
+
+/// Downloads the plan's blobs, writes manifests in closure order, merges
+/// the index and commits it. Returns the report.
+pub async fn execute(
+    layout: Arc<Layout>,
+    client: &RegistryClient,
+    plan: &mut Plan,
+    opts: &BackupOptions,
+    report: &mut Report,
+) -> Result<(), LayoutError> {
+    let started = Instant::now();
+    let total_bytes: u64 = plan.blobs.values().map(|b| b.size.unwrap_or(0)).sum();
+    let progress = Arc::new(transfer::Progress::default());
+    let ticker = transfer::report_progress(
+        "download",
+        progress.clone(),
+        plan.blobs.len() as u64,
+        total_bytes,
+        Duration::from_secs(5),
+        opts.progress,
+    );
+    let blobs: Vec<(Digest, BlobNeed)> = plan.blobs.clone().into_iter().collect();
+    let results = transfer::bounded(blobs, opts.jobs.max(1), {
+        let client = client.clone();
+        let layout = layout.clone();
+        let progress = progress.clone();
+        move |(digest, need): (Digest, BlobNeed)| {
+            let client = client.clone();
+            let layout = layout.clone();
+            let progress = progress.clone();
+            async move {
+                let r = client.pull_blob(&need.repo, &digest, need.size, &layout).await;
+                progress.items.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Ok(n) = &r {
+                    progress.bytes.fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
+                }
+                (digest, need, r)
+            }
+        }
+    })
+    .await;
+    ticker.abort();
+    let mut blob_failed: HashMap<Digest, String> = HashMap::new();
+    for (digest, need, r) in results {
+        match r {
+            Ok(n) => {
+                let s = report.imagestreams.entry(need.stream.clone()).or_default();
+                s.blobs_new += 1;
+                s.bytes_new += n;
+                report.totals.blobs_new += 1;
+                report.totals.bytes_new += n;
+            }
+            Err(e) if e.is_permanent() && matches!(e, crate::registry::RegistryError::Layout(_)) => {
+                // A full disk or a permission error ends the run; the
+                // committed index stays as it was.
+                if let crate::registry::RegistryError::Layout(le) = e {
+                    return Err(le);
+                }
+            }
+            Err(e) => {
+                blob_failed.insert(digest, format!("{e:#}"));
+            }
+        }
+    }
+    tracing::info!(
+        blobs = report.totals.blobs_new,
+        bytes = %human_bytes(report.totals.bytes_new),
+        seconds = started.elapsed().as_secs_f64(),
+        "download done"
+    );
+
+    // Write manifests children first; a manifest only when its whole
+    // closure is present.
+    let trees = std::mem::take(&mut plan.trees);
+    for (top, order) in trees {
+        let mut failure = None;
+        for digest in &order {
+            let fetched = &plan.fetched[digest];
+            let missing = fetched
+                .parsed
+                .blobs
+                .iter()
+                .chain(fetched.parsed.children.iter())
+                .find(|b| !layout.has_blob(&b.digest));
+            if let Some(m) = missing {
+                failure = Some(match blob_failed.get(&m.digest) {
+                    Some(reason) => format!("blob {}: {reason}", m.digest),
+                    None => format!("blob {} is missing", m.digest),
+                });
+                break;
+            }
+            layout.write_blob(digest, &fetched.bytes)?;
+        }
+        match failure {
+            Some(reason) => {
+                plan.failed.insert(top, reason);
+            }
+            None => {
+                let f = &plan.fetched[&top];
+                plan.known
+                    .insert(top.clone(), (f.parsed.media_type.clone(), f.bytes.len() as u64));
+            }
+        }
+    }
+
+    let new_index = merge_index(&layout, plan, opts, report)?;
+    layout.commit(&new_index)?;
+    report.committed = true;
+    Ok(())
+}
+
+/// Fills the report from the plan (used for dry runs and real runs).
+pub fn summarize(plan: &Plan, report: &mut Report, dry_run: bool) {
+    let mut images: HashSet<&Digest> = HashSet::new();
+    for is in &plan.streams {
+        let s = report.imagestreams.entry(is.key()).or_default();
+        s.tags = is.status.tags.iter().filter(|t| !t.items.is_empty()).count();
+        s.history_items = is
+            .status
+            .tags
+            .iter()
+            .map(|t| t.items.len().saturating_sub(1))
+            .sum();
+        report.totals.tags += s.tags;
+        report.totals.history_items += s.history_items;
+    }
+    report.totals.imagestreams = plan.streams.len();
+    let mut counted: HashSet<(String, Digest)> = HashSet::new();
+    for r in &plan.refs {
+        images.insert(&r.digest);
+        if !counted.insert((repo_of(r), r.digest.clone())) {
+            continue;
+        }
+        let s = report.imagestreams.entry(repo_of(r)).or_default();
+        if plan.present.contains(&r.digest) {
+            s.images_skipped += 1;
+        } else if let Some(reason) = plan.failed.get(&r.digest) {
+            s.failures.push(Failure {
+                namespace: r.namespace.clone(),
+                imagestream: r.stream.clone(),
+                tag: r.tag.clone(),
+                position: Some(r.position),
+                digest: Some(r.digest.clone()),
+                reason: reason.clone(),
+            });
+        } else {
+            s.images_new += 1;
+        }
+    }
+    for r in &plan.external_skipped {
+        report
+            .imagestreams
+            .entry(repo_of(r))
+            .or_default()
+            .images_external_skipped += 1;
+    }
+    for f in &plan.bad_events {
+        report
+            .imagestreams
+            .entry(format!("{}/{}", f.namespace, f.imagestream))
+            .or_default()
+            .failures
+            .push(f.clone());
+    }
+    report.totals.images = images.len();
+    report.totals.images_skipped = images.iter().filter(|d| plan.present.contains(**d)).count();
+    report.totals.images_failed = images.iter().filter(|d| plan.failed.contains_key(**d)).count();
+    report.totals.images_new =
+        report.totals.images - report.totals.images_skipped - report.totals.images_failed;
+    report.totals.blobs_skipped = plan.blobs_present;
+    report.totals.bytes_skipped = plan.bytes_present;
+    if dry_run {
+        report.totals.blobs_new = plan.blobs.len();
+        report.totals.bytes_new = plan.bytes_to_fetch();
+        for need in plan.blobs.values() {
+            let s = report.imagestreams.entry(need.stream.clone()).or_default();
+            s.blobs_new += 1;
+            s.bytes_new += need.size.unwrap_or(0);
+        }
+    }
+}
+
+/// Builds the new index from the previous one and this run's results.
+fn merge_index(
+    layout: &Layout,
+    plan: &mut Plan,
+    opts: &BackupOptions,
+    report: &mut Report,
+) -> Result<ArchiveIndex, LayoutError> {
+    let discovered: HashSet<String> = plan.streams.iter().map(ImageStream::key).collect();
+    let mut entries: Vec<Entry> = Vec::new();
+    // Current tag events that are archived.
+    let mut current: HashSet<(String, String, Digest)> = HashSet::new();
+    let mut next_position: HashMap<(String, String), usize> = HashMap::new();
+    let all_refs = plan.refs.iter().chain(plan.external_skipped.iter());
+    for r in all_refs {
+        let key = (repo_of(r), r.tag.clone());
+        let np = next_position.entry(key).or_insert(1);
+        *np = (*np).max(r.position + 1);
+        let meta = match plan.known.get(&r.digest) {
+            Some(m) => Some(m.clone()),
+            None if layout.has_blob(&r.digest) => {
+                let bytes = layout.read_small_blob(&r.digest)?;
+                manifest::parse(&r.digest, &bytes, None)
+                    .ok()
+                    .map(|p| (p.media_type, bytes.len() as u64))
+            }
+            None => None,
+        };
+        let Some((media_type, size)) = meta else { continue };
+        current.insert((repo_of(r), r.tag.clone(), r.digest.clone()));
+        entries.push(Entry {
+            namespace: r.namespace.clone(),
+            stream: r.stream.clone(),
+            tag: r.tag.clone(),
+            position: r.position,
+            digest: r.digest.clone(),
+            media_type,
+            size,
+            created: r.created.clone(),
+            reference: r.docker_image_reference.clone(),
+        });
+    }
+    // Earlier entries: kept unless their stream was discovered and they are
+    // in its status (then they were re-added above) or pruned.
+    let previous = std::mem::take(&mut plan.previous);
+    for mut e in previous.entries {
+        let key = e.stream_key();
+        if discovered.contains(&key) {
+            if current.contains(&(key.clone(), e.tag.clone(), e.digest.clone())) {
+                continue;
+            }
+            if opts.prune_history && !opts.failed_namespaces.contains(&e.namespace) {
+                report.pruned.push(Failure {
+                    namespace: e.namespace.clone(),
+                    imagestream: e.stream.clone(),
+                    tag: e.tag.clone(),
+                    position: Some(e.position),
+                    digest: Some(e.digest.clone()),
+                    reason: "no longer in the ImageStream's history".into(),
+                });
+                continue;
+            }
+            // Gone from the stream: keep it as the oldest history.
+            let np = next_position.entry((key, e.tag.clone())).or_insert(1);
+            e.position = *np;
+            *np += 1;
+        }
+        entries.push(e);
+    }
+    // The ImageStream objects: this run's replace earlier ones.
+    let mut streams: BTreeMap<String, ImageStream> = BTreeMap::new();
+    if let Some(d) = &previous.imagestreams {
+        let bytes = std::fs::read(layout.blob_path(d)).map_err(|source| LayoutError::Io {
+            op: "read ImageStream list",
+            path: layout.blob_path(d),
+            source,
+        })?;
+        if let Ok(list) = imagestream::parse_list(&bytes, "archived ImageStream list") {
+            for is in list {
+                streams.insert(is.key(), is);
+            }
+        }
+    }
+    for is in &plan.streams {
+        streams.insert(is.key(), is.clone());
+    }
+    let list: Vec<ImageStream> = streams.into_values().collect();
+    let list_json = serde_json::to_vec(&imagestream::to_list(&list)).expect("list serializes");
+    let list_digest = Digest::of(&list_json);
+    layout.write_blob(&list_digest, &list_json)?;
+
+    let mut index = ArchiveIndex {
+        entries,
+        imagestreams: Some(list_digest),
+        foreign: previous.foreign,
+    };
+    index.sort();
+    Ok(index)
+}

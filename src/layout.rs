@@ -1,0 +1,522 @@
+//! The OCI image layout on disk: the blob store, `index.json` (the single
+//! commit point) and the writer lock.
+//!
+//! Invariants kept here (see DESIGN.md §3):
+//! - a blob file exists only with its full, verified content: it is written
+//!   to a temp file under `.ingest/` on the same filesystem, hashed while
+//!   streaming, checked for size and digest, fsynced, renamed, and the
+//!   directory fsynced;
+//! - `index.json` is replaced atomically and written last;
+//! - one writer at a time: an exclusive `flock` on `.lock`, naming its holder.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::Digest as _;
+
+use crate::digest::Digest;
+use crate::index::ArchiveIndex;
+
+/// Name of the directory holding temp files of blobs being written.
+pub const INGEST_DIR: &str = ".ingest";
+/// Name of the lock file.
+pub const LOCK_FILE: &str = ".lock";
+/// Largest manifest or index the archiver will read into memory.
+pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+/// Largest `index.json` the archiver will read.
+const MAX_INDEX_SIZE: u64 = 1 << 30;
+
+/// Errors of the layout.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// A filesystem operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the lock.
+    #[error("archive {path} is locked by another run ({holder}); wait for it to finish")]
+    Locked {
+        /// The archive root.
+        path: PathBuf,
+        /// What the lock file says about its holder.
+        holder: String,
+    },
+    /// Written content did not match its digest or size.
+    #[error("blob {expected}: content does not match ({reason}); nothing was stored")]
+    Mismatch {
+        /// The expected digest.
+        expected: Digest,
+        /// What differed.
+        reason: String,
+    },
+    /// The directory is not an OCI image layout.
+    #[error("{path} is not an OCI image layout: {reason}")]
+    NotALayout {
+        /// The archive root.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `index.json` exists but cannot be parsed.
+    #[error("{path} is corrupt ({reason}); refusing to overwrite it. Run `imagestream-archiver verify --archive {root}` to inspect it, then restore index.json from a snapshot")]
+    CorruptIndex {
+        /// The index file.
+        path: PathBuf,
+        /// The archive root.
+        root: String,
+        /// The parse error.
+        reason: String,
+    },
+    /// A blob is larger than allowed for what it is.
+    #[error("blob {digest} is {size} bytes, more than the {limit} allowed for a manifest")]
+    TooLarge {
+        /// The blob.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+impl LayoutError {
+    /// True when the error is the filesystem being full or read-only, or a
+    /// permission error: permanent, not worth a retry.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            LayoutError::Io { source, .. } => is_permanent_io(source),
+            _ => false,
+        }
+    }
+}
+
+/// ENOSPC, EDQUOT, EROFS, EACCES, EPERM.
+pub fn is_permanent_io(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122 | 30 | 13 | 1))
+        || e.kind() == io::ErrorKind::PermissionDenied
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LayoutError + 'a {
+    move |source| LayoutError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How the layout is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Exclusive: backup, gc, import. Creates the layout when missing.
+    Write,
+    /// Shared: verify, list, restore, export.
+    Read,
+}
+
+/// An OCI image layout directory, locked for the lifetime of the value.
+#[derive(Debug)]
+pub struct Layout {
+    root: PathBuf,
+    _lock: File,
+    access: Access,
+}
+
+impl Layout {
+    /// Opens (and for [`Access::Write`], creates) the layout at `root`,
+    /// taking the lock without waiting. A writer also sweeps stale temp files.
+    pub fn open(root: &Path, access: Access) -> Result<Self, LayoutError> {
+        if access == Access::Write {
+            fs::create_dir_all(root.join("blobs").join("sha256"))
+                .map_err(io_err("create", root))?;
+            fs::create_dir_all(root.join(INGEST_DIR)).map_err(io_err("create", root))?;
+        } else if !root.join("oci-layout").is_file() {
+            return Err(LayoutError::NotALayout {
+                path: root.to_path_buf(),
+                reason: "no oci-layout file".into(),
+            });
+        }
+        let lock_path = root.join(LOCK_FILE);
+        let lock = match access {
+            // A reader on a read-only mount can still lock an existing file.
+            Access::Read => OpenOptions::new()
+                .read(true)
+                .write(false)
+                .open(&lock_path)
+                .or_else(|_| {
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&lock_path)
+                }),
+            Access::Write => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock_path),
+        };
+        let mut lock = match lock {
+            Ok(f) => f,
+            // No lock file and no right to create one: a read-only archive.
+            Err(_) if access == Access::Read => File::open(root).map_err(io_err("open", root))?,
+            Err(e) => return Err(io_err("open", &lock_path)(e)),
+        };
+        let taken = match access {
+            Access::Write => fs2::FileExt::try_lock_exclusive(&lock),
+            Access::Read => fs2::FileExt::try_lock_shared(&lock),
+        };
+        if taken.is_err() {
+            let mut holder = String::new();
+            let _ = File::open(&lock_path).and_then(|mut f| f.read_to_string(&mut holder));
+            return Err(LayoutError::Locked {
+                path: root.to_path_buf(),
+                holder: if holder.trim().is_empty() {
+                    "a reader".into()
+                } else {
+                    holder.trim().to_string()
+                },
+            });
+        }
+        let layout = Layout {
+            root: root.to_path_buf(),
+            _lock: lock.try_clone().map_err(io_err("open", &lock_path))?,
+            access,
+        };
+        if access == Access::Write {
+            let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let me = format!("pid {} on {}", std::process::id(), host.trim());
+            lock.set_len(0).map_err(io_err("write", &lock_path))?;
+            lock.write_all(me.as_bytes())
+                .map_err(io_err("write", &lock_path))?;
+            layout.sweep_ingest()?;
+            let marker = root.join("oci-layout");
+            if !marker.exists() {
+                layout.write_file_atomic("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+            }
+        }
+        Ok(layout)
+    }
+
+    /// The layout's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path of a blob.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join(digest.blob_path())
+    }
+
+    /// True when the blob is present. By the closure invariant, a present
+    /// manifest means a complete image.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// The size of a present blob.
+    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        fs::metadata(self.blob_path(digest)).ok().map(|m| m.len())
+    }
+
+    /// Reads a small blob (a manifest, index or config) whole.
+    pub fn read_small_blob(&self, digest: &Digest) -> Result<Vec<u8>, LayoutError> {
+        let path = self.blob_path(digest);
+        let size = fs::metadata(&path).map_err(io_err("stat", &path))?.len();
+        if size > MAX_MANIFEST_SIZE {
+            return Err(LayoutError::TooLarge {
+                digest: digest.clone(),
+                size,
+                limit: MAX_MANIFEST_SIZE,
+            });
+        }
+        fs::read(&path).map_err(io_err("read", &path))
+    }
+
+    /// Opens a blob for streaming.
+    pub fn open_blob(&self, digest: &Digest) -> Result<File, LayoutError> {
+        let path = self.blob_path(digest);
+        File::open(&path).map_err(io_err("open", &path))
+    }
+
+    /// Starts writing a blob that must hash to `expected` (and have
+    /// `expected_size` bytes, when known).
+    pub fn blob_writer(
+        &self,
+        expected: &Digest,
+        expected_size: Option<u64>,
+    ) -> Result<BlobWriter, LayoutError> {
+        debug_assert_eq!(self.access, Access::Write);
+        let tmp = self.root.join(INGEST_DIR).join(format!(
+            "{}.{}.{}",
+            expected.hex(),
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        Ok(BlobWriter {
+            file: Some(io::BufWriter::with_capacity(1 << 20, file)),
+            tmp,
+            target: self.blob_path(expected),
+            dir: self.root.join("blobs").join("sha256"),
+            expected: expected.clone(),
+            expected_size,
+            hasher: sha2::Sha256::new(),
+            written: 0,
+        })
+    }
+
+    /// Stores bytes held in memory as a verified blob.
+    pub fn write_blob(&self, expected: &Digest, data: &[u8]) -> Result<(), LayoutError> {
+        if self.has_blob(expected) {
+            return Ok(());
+        }
+        let mut w = self.blob_writer(expected, Some(data.len() as u64))?;
+        w.write(data)?;
+        w.finish()
+    }
+
+    /// Stores a blob by copying from a reader, verifying as it streams.
+    pub fn write_blob_from(
+        &self,
+        expected: &Digest,
+        expected_size: Option<u64>,
+        mut reader: impl Read,
+    ) -> Result<u64, LayoutError> {
+        let mut w = self.blob_writer(expected, expected_size)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).map_err(io_err("read", &w.tmp))?;
+            if n == 0 {
+                break;
+            }
+            w.write(&buf[..n])?;
+        }
+        let n = w.written;
+        w.finish()?;
+        Ok(n)
+    }
+
+    /// Removes a blob (garbage collection only).
+    pub fn remove_blob(&self, digest: &Digest) -> Result<(), LayoutError> {
+        let path = self.blob_path(digest);
+        fs::remove_file(&path).map_err(io_err("remove", &path))
+    }
+
+    /// Every blob file name that is a valid digest, with size and mtime.
+    pub fn list_blobs(&self) -> Result<Vec<(Digest, fs::Metadata)>, LayoutError> {
+        let dir = self.root.join("blobs").join("sha256");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+            let entry = entry.map_err(io_err("list", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Ok(d) = Digest::parse(&format!("sha256:{name}")) {
+                let meta = entry.metadata().map_err(io_err("stat", &entry.path()))?;
+                if meta.is_file() {
+                    out.push((d, meta));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Reads the committed `index.json`; an absent one is an empty index.
+    pub fn read_index(&self) -> Result<ArchiveIndex, LayoutError> {
+        let path = self.root.join("index.json");
+        let data = match fs::metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ArchiveIndex::default()),
+            Err(e) => return Err(io_err("stat", &path)(e)),
+            Ok(m) if m.len() > MAX_INDEX_SIZE => {
+                return Err(self.corrupt(&path, format!("{} bytes is too large", m.len())))
+            }
+            Ok(_) => fs::read(&path).map_err(io_err("read", &path))?,
+        };
+        ArchiveIndex::from_json(&data).map_err(|e| self.corrupt(&path, e))
+    }
+
+    fn corrupt(&self, path: &Path, reason: String) -> LayoutError {
+        LayoutError::CorruptIndex {
+            path: path.to_path_buf(),
+            root: self.root.display().to_string(),
+            reason,
+        }
+    }
+
+    /// Commits `index` as the new `index.json`: the single atomic commit point.
+    pub fn commit(&self, index: &ArchiveIndex) -> Result<(), LayoutError> {
+        debug_assert_eq!(self.access, Access::Write);
+        self.write_file_atomic("index.json", &index.to_json())
+    }
+
+    /// Writes a top-level file atomically (temp, fsync, rename, fsync dir).
+    fn write_file_atomic(&self, name: &str, data: &[u8]) -> Result<(), LayoutError> {
+        let target = self.root.join(name);
+        let tmp = self
+            .root
+            .join(INGEST_DIR)
+            .join(format!("{name}.{}", std::process::id()));
+        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        let res = f
+            .write_all(data)
+            .and_then(|_| f.sync_all())
+            .map_err(io_err("write", &tmp))
+            .and_then(|_| fs::rename(&tmp, &target).map_err(io_err("rename", &target)))
+            .and_then(|_| sync_dir(&self.root));
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Removes temp files left by a killed run.
+    fn sweep_ingest(&self) -> Result<(), LayoutError> {
+        let dir = self.root.join(INGEST_DIR);
+        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+            let entry = entry.map_err(io_err("list", &dir))?;
+            let path = entry.path();
+            fs::remove_file(&path).map_err(io_err("remove stale temp file", &path))?;
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+/// A blob being written: becomes visible only through [`BlobWriter::finish`]
+/// after its content was verified; dropped unfinished, it leaves nothing.
+pub struct BlobWriter {
+    file: Option<io::BufWriter<File>>,
+    tmp: PathBuf,
+    target: PathBuf,
+    dir: PathBuf,
+    expected: Digest,
+    expected_size: Option<u64>,
+    hasher: sha2::Sha256,
+    written: u64,
+}
+
+impl BlobWriter {
+    /// Appends bytes, hashing them.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), LayoutError> {
+        self.written += data.len() as u64;
+        if let Some(size) = self.expected_size {
+            if self.written > size {
+                return Err(LayoutError::Mismatch {
+                    expected: self.expected.clone(),
+                    reason: format!("more than the expected {size} bytes"),
+                });
+            }
+        }
+        self.hasher.update(data);
+        let file = self.file.as_mut().expect("writer used after finish");
+        file.write_all(data).map_err(io_err("write", &self.tmp))
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Verifies size and digest, then makes the blob visible durably.
+    pub fn finish(mut self) -> Result<(), LayoutError> {
+        if let Some(size) = self.expected_size {
+            if self.written != size {
+                return Err(LayoutError::Mismatch {
+                    expected: self.expected.clone(),
+                    reason: format!("{} bytes instead of {size}", self.written),
+                });
+            }
+        }
+        let actual = Digest::from_sha256(std::mem::take(&mut self.hasher).finalize().into());
+        if actual != self.expected {
+            return Err(LayoutError::Mismatch {
+                expected: self.expected.clone(),
+                reason: format!("content hashes to {actual}"),
+            });
+        }
+        let file = self.file.take().expect("finish called once");
+        let file = file
+            .into_inner()
+            .map_err(|e| io_err("write", &self.tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_err("fsync", &self.tmp))?;
+        drop(file);
+        fs::rename(&self.tmp, &self.target).map_err(io_err("rename", &self.target))?;
+        sync_dir(&self.dir)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() || self.tmp.exists() {
+            self.file = None;
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_visible_only_when_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path(), Access::Write).unwrap();
+        let d = Digest::of(b"abc");
+        let wrong = Digest::of(b"abd");
+        assert!(layout.write_blob(&wrong, b"abc").is_err());
+        assert!(!layout.has_blob(&wrong));
+        layout.write_blob(&d, b"abc").unwrap();
+        assert_eq!(fs::read(layout.blob_path(&d)).unwrap(), b"abc");
+        let mut w = layout.blob_writer(&Digest::of(b"xyz"), Some(3)).unwrap();
+        w.write(b"xy").unwrap();
+        drop(w);
+        assert_eq!(fs::read_dir(dir.path().join(INGEST_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn second_writer_is_refused_with_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = Layout::open(dir.path(), Access::Write).unwrap();
+        let err = Layout::open(dir.path(), Access::Write).unwrap_err();
+        assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(Layout::open(dir.path(), Access::Read).is_err());
+    }
+
+    #[test]
+    fn readers_share() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Layout::open(dir.path(), Access::Write).unwrap());
+        let _a = Layout::open(dir.path(), Access::Read).unwrap();
+        let _b = Layout::open(dir.path(), Access::Read).unwrap();
+        assert!(Layout::open(dir.path(), Access::Write).is_err());
+    }
+
+    #[test]
+    fn corrupt_index_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path(), Access::Write).unwrap();
+        fs::write(dir.path().join("index.json"), b"{not json").unwrap();
+        let err = layout.read_index().unwrap_err();
+        assert!(err.to_string().contains("verify"), "{err}");
+    }
+}

@@ -1,0 +1,615 @@
+//! The registry client: oci-client with auth, TLS, request accounting and
+//! bounded retries around every call.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+
+use crate::digest::Digest;
+use crate::layout::{Layout, LayoutError};
+use crate::manifest::ACCEPTED;
+
+/// The pod's service-account directory.
+pub const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Errors talking to a registry. Messages carry the repository and digest,
+/// never a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry refused or failed a request.
+    #[error("{op} {what}: {message}")]
+    Request {
+        /// The operation (pull manifest, pull blob, ...).
+        op: &'static str,
+        /// `repo@digest` or `repo:tag`.
+        what: String,
+        /// The registry's answer (sanitized).
+        message: String,
+        /// Whether this kind of failure is permanent (auth, 403, 404).
+        permanent: bool,
+        /// Whether the registry said the thing does not exist.
+        not_found: bool,
+    },
+    /// Reading credentials or certificates failed.
+    #[error("cannot read {what} {path}")]
+    Config {
+        /// What the file is.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing into the archive failed.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+impl RegistryError {
+    /// True for 404-like answers.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RegistryError::Request { not_found: true, .. })
+    }
+    /// True when retrying cannot help (auth, permission, full disk).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            RegistryError::Request { permanent, .. } => *permanent,
+            RegistryError::Config { .. } => true,
+            RegistryError::Layout(e) => e.is_permanent(),
+        }
+    }
+}
+
+/// Credentials for the registry.
+#[derive(Clone)]
+pub enum Credentials {
+    /// No credentials.
+    Anonymous,
+    /// A bearer token (the service-account token on OpenShift).
+    Token(String),
+    /// User name and password.
+    Basic(String, String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Anonymous => f.write_str("Anonymous"),
+            Credentials::Token(_) => f.write_str("Token(<redacted>)"),
+            Credentials::Basic(u, _) => write!(f, "Basic({u}, <redacted>)"),
+        }
+    }
+}
+
+/// Validated settings of a registry connection.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// host[:port].
+    pub host: String,
+    /// Credentials.
+    pub credentials: Credentials,
+    /// PEM bundle of extra CA certificates.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Skip TLS verification (explicit user choice only).
+    pub insecure_skip_tls_verify: bool,
+    /// Plain HTTP.
+    pub plain_http: bool,
+    /// Attempts per request.
+    pub attempts: u32,
+}
+
+impl RegistrySettings {
+    /// Builds settings from the CLI flags, reading token, password and CA
+    /// files (and defaulting to the pod's service account when present).
+    pub fn from_args(args: &crate::cli::RegistryArgs) -> Result<Self, RegistryError> {
+        let read = |what: &'static str, path: &Path| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .map_err(|source| RegistryError::Config {
+                    what,
+                    path: path.to_path_buf(),
+                    source,
+                })
+        };
+        let sa_token = Path::new(SA_DIR).join("token");
+        let credentials = if args.anonymous {
+            Credentials::Anonymous
+        } else if let (Some(user), Some(pw)) = (&args.username, &args.password_file) {
+            Credentials::Basic(user.clone(), read("password file", pw)?)
+        } else if let Some(path) = &args.token_file {
+            Credentials::Token(read("token file", path)?)
+        } else if sa_token.is_file() {
+            Credentials::Token(read("service-account token", &sa_token)?)
+        } else {
+            Credentials::Anonymous
+        };
+        let sa_ca = Path::new(SA_DIR).join("service-ca.crt");
+        let ca_path = args
+            .ca_file
+            .clone()
+            .or_else(|| sa_ca.is_file().then_some(sa_ca));
+        let ca_pem = ca_path
+            .map(|p| {
+                std::fs::read(&p).map_err(|source| RegistryError::Config {
+                    what: "CA file",
+                    path: p,
+                    source,
+                })
+            })
+            .transpose()?;
+        Ok(RegistrySettings {
+            host: args.registry.clone(),
+            credentials,
+            ca_pem,
+            insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+            plain_http: args.plain_http,
+            attempts: args.retries,
+        })
+    }
+}
+
+/// Counters of what the client asked the registry.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Manifest GET/HEAD requests.
+    pub manifest_requests: AtomicU64,
+    /// Blob GET requests.
+    pub blob_requests: AtomicU64,
+    /// Blob HEAD, mount and upload requests.
+    pub push_requests: AtomicU64,
+    /// Bytes received in blob bodies.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent in blob bodies.
+    pub bytes_out: AtomicU64,
+    /// Retries performed.
+    pub retries: AtomicU64,
+}
+
+/// A registry client.
+#[derive(Clone)]
+pub struct RegistryClient {
+    client: Arc<Client>,
+    auth: RegistryAuth,
+    host: String,
+    attempts: u32,
+    /// What was requested so far.
+    pub stats: Arc<Stats>,
+}
+
+fn split_pem(pem: &[u8]) -> Vec<Vec<u8>> {
+    let text = String::from_utf8_lossy(pem);
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines() {
+        if line.starts_with("-----BEGIN") {
+            cur.clear();
+        }
+        cur.push_str(line);
+        cur.push('\n');
+        if line.starts_with("-----END") {
+            out.push(cur.clone().into_bytes());
+        }
+    }
+    out
+}
+
+impl RegistryClient {
+    /// Creates a client.
+    pub fn new(settings: &RegistrySettings) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certs = settings
+            .ca_pem
+            .as_deref()
+            .map(split_pem)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|data| Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            })
+            .collect();
+        let config = ClientConfig {
+            protocol: if settings.plain_http {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            accept_invalid_certificates: settings.insecure_skip_tls_verify,
+            use_monolithic_push: true,
+            extra_root_certificates: certs,
+            platform_resolver: None,
+            read_timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Some(Duration::from_secs(15)),
+            user_agent: concat!("imagestream-archiver/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        };
+        let auth = match &settings.credentials {
+            Credentials::Anonymous => RegistryAuth::Anonymous,
+            Credentials::Token(t) => RegistryAuth::Bearer(t.clone()),
+            Credentials::Basic(u, p) => RegistryAuth::Basic(u.clone(), p.clone()),
+        };
+        RegistryClient {
+            client: Arc::new(Client::new(config)),
+            auth,
+            host: settings.host.clone(),
+            attempts: settings.attempts.max(1),
+            stats: Arc::default(),
+        }
+    }
+
+    /// The registry host.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn reference(&self, repo: &str, digest_or_tag: &str) -> Reference {
+        if digest_or_tag.starts_with("sha256:") {
+            Reference::with_digest(self.host.clone(), repo.to_string(), digest_or_tag.to_string())
+        } else {
+            Reference::with_tag(self.host.clone(), repo.to_string(), digest_or_tag.to_string())
+        }
+    }
+
+    /// Runs `f` with bounded retries, exponential backoff with jitter, and
+    /// one re-authentication on 401.
+    async fn retry<T, F, Fut>(
+        &self,
+        op: &'static str,
+        what: &str,
+        reference: &Reference,
+        operation: RegistryOperation,
+        mut f: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Attempt>>,
+    {
+        self.client
+            .store_auth_if_needed(&self.host, &self.auth)
+            .await;
+        let mut reauthed = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match f().await {
+                Ok(v) => return Ok(v),
+                Err(Attempt::Layout(e)) if e.is_permanent() => return Err(e.into()),
+                Err(Attempt::Layout(e)) => classify_layout(e),
+                Err(Attempt::Oci(e)) => classify(e),
+            };
+            if err.unauthorized && !reauthed {
+                reauthed = true;
+                tracing::debug!(op, what, "401: authenticating again");
+                let _ = self.client.auth(reference, &self.auth, operation).await;
+                continue;
+            }
+            if err.permanent || attempt >= self.attempts {
+                return Err(RegistryError::Request {
+                    op,
+                    what: what.to_string(),
+                    message: if attempt > 1 {
+                        format!("{} (after {attempt} attempts)", err.message)
+                    } else {
+                        err.message
+                    },
+                    permanent: err.permanent,
+                    not_found: err.not_found,
+                });
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            let base = 200u64 << (attempt - 1).min(6);
+            let jitter = rand::random::<u64>() % (base / 2 + 1);
+            let wait = Duration::from_millis((base + jitter).min(15_000));
+            tracing::warn!(op, what, attempt, error = %err.message, "retrying in {wait:?}");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Pulls a manifest by digest, verifying the bytes against the digest.
+    pub async fn pull_manifest(&self, repo: &str, digest: &Digest) -> Result<Bytes, RegistryError> {
+        let reference = self.reference(repo, digest.as_str());
+        let what = format!("{}/{repo}@{digest}", self.host);
+        self.retry("pull manifest", &what, &reference, RegistryOperation::Pull, || async {
+            self.stats.manifest_requests.fetch_add(1, Ordering::Relaxed);
+            let (bytes, _) = self
+                .client
+                .pull_manifest_raw(&reference, &self.auth, ACCEPTED)
+                .await
+                .map_err(Attempt::Oci)?;
+            if Digest::of(&bytes) != *digest {
+                return Err(Attempt::Oci(OciDistributionError::GenericError(Some(format!(
+                    "served manifest hashes to {}",
+                    Digest::of(&bytes)
+                )))));
+            }
+            Ok(bytes)
+        })
+        .await
+    }
+
+    /// Streams a blob into the archive, hashing while streaming; nothing
+    /// becomes visible unless size and digest match. Returns the bytes written.
+    pub async fn pull_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        size: Option<u64>,
+        layout: &Layout,
+    ) -> Result<u64, RegistryError> {
+        let reference = self.reference(repo, digest.as_str());
+        let what = format!("{}/{repo}@{digest}", self.host);
+        let desc = oci_client::manifest::OciDescriptor {
+            digest: digest.to_string(),
+            size: size.unwrap_or(0) as i64,
+            ..Default::default()
+        };
+        self.retry("pull blob", &what, &reference, RegistryOperation::Pull, || async {
+            if layout.has_blob(digest) {
+                return Ok(0);
+            }
+            self.stats.blob_requests.fetch_add(1, Ordering::Relaxed);
+            let mut stream = self
+                .client
+                .pull_blob_stream(&reference, &desc)
+                .await
+                .map_err(Attempt::Oci)?;
+            let mut writer = layout.blob_writer(digest, size).map_err(Attempt::Layout)?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| Attempt::Oci(OciDistributionError::IoError(e)))?;
+                self.stats
+                    .bytes_in
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                writer.write(&chunk).map_err(Attempt::Layout)?;
+            }
+            let n = writer.written();
+            writer.finish().map_err(Attempt::Layout)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// True when the repository has the blob (HEAD).
+    pub async fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<bool, RegistryError> {
+        let reference = self.reference(repo, digest.as_str());
+        let what = format!("{}/{repo}@{digest}", self.host);
+        self.retry("check blob", &what, &reference, RegistryOperation::Push, || async {
+            self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
+            self.client
+                .blob_exists(&reference, digest.as_str())
+                .await
+                .map_err(Attempt::Oci)
+        })
+        .await
+    }
+
+    /// Asks the registry to mount a blob from another repository. `false`
+    /// when the registry refused (the caller then uploads).
+    pub async fn mount_blob(&self, repo: &str, from: &str, digest: &Digest) -> bool {
+        let reference = self.reference(repo, digest.as_str());
+        let source = self.reference(from, digest.as_str());
+        self.client
+            .store_auth_if_needed(&self.host, &self.auth)
+            .await;
+        self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
+        match self.client.mount_blob(&reference, &source, digest.as_str()).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(%digest, repo, from, error = %sanitize(&e.to_string()), "mount refused; uploading");
+                false
+            }
+        }
+    }
+
+    /// Uploads a blob from the archive (monolithic PUT, streamed from disk).
+    pub async fn push_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        layout: &Layout,
+    ) -> Result<u64, RegistryError> {
+        let reference = self.reference(repo, digest.as_str());
+        let what = format!("{}/{repo}@{digest}", self.host);
+        let path = layout.blob_path(digest);
+        self.retry("push blob", &what, &reference, RegistryOperation::Push, || async {
+            let file = tokio::fs::File::open(&path).await.map_err(|source| {
+                Attempt::Layout(LayoutError::Io {
+                    op: "open",
+                    path: path.clone(),
+                    source,
+                })
+            })?;
+            let size = file
+                .metadata()
+                .await
+                .map_err(|e| Attempt::Oci(e.into()))?
+                .len();
+            self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
+            let stats = self.stats.clone();
+            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |r| {
+                if let Ok(b) = &r {
+                    stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
+                r.map_err(OciDistributionError::IoError)
+            });
+            self.client
+                .push_blob_stream(&reference, stream, digest.as_str(), Some(size))
+                .await
+                .map_err(Attempt::Oci)?;
+            Ok(size)
+        })
+        .await
+    }
+
+    /// The digest a tag (or digest) currently resolves to, `None` if absent.
+    pub async fn resolve(&self, repo: &str, tag_or_digest: &str) -> Result<Option<Digest>, RegistryError> {
+        let reference = self.reference(repo, tag_or_digest);
+        let sep = if tag_or_digest.starts_with("sha256:") { '@' } else { ':' };
+        let what = format!("{}/{repo}{sep}{tag_or_digest}", self.host);
+        let res = self
+            .retry("resolve", &what, &reference, RegistryOperation::Pull, || async {
+                self.stats.manifest_requests.fetch_add(1, Ordering::Relaxed);
+                self.client
+                    .fetch_manifest_digest(&reference, &self.auth)
+                    .await
+                    .map_err(Attempt::Oci)
+            })
+            .await;
+        match res {
+            Ok(d) => Ok(Digest::parse(&d).ok()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Pushes manifest bytes as they are, under a tag or by digest.
+    pub async fn push_manifest(
+        &self,
+        repo: &str,
+        tag_or_digest: &str,
+        body: Bytes,
+        media_type: &str,
+    ) -> Result<(), RegistryError> {
+        let reference = self.reference(repo, tag_or_digest);
+        let sep = if tag_or_digest.starts_with("sha256:") { '@' } else { ':' };
+        let what = format!("{}/{repo}{sep}{tag_or_digest}", self.host);
+        let content_type = reqwest_header(media_type);
+        self.retry("push manifest", &what, &reference, RegistryOperation::Push, || async {
+            self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
+            self.client
+                .push_manifest_raw(&reference, body.clone(), content_type.clone())
+                .await
+                .map_err(Attempt::Oci)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn reqwest_header(media_type: &str) -> http::HeaderValue {
+    http::HeaderValue::from_str(media_type)
+        .unwrap_or_else(|_| http::HeaderValue::from_static("application/octet-stream"))
+}
+
+/// The failure of one attempt.
+enum Attempt {
+    Oci(OciDistributionError),
+    Layout(LayoutError),
+}
+
+struct Classified {
+    message: String,
+    permanent: bool,
+    not_found: bool,
+    unauthorized: bool,
+}
+
+fn classify_layout(e: LayoutError) -> Classified {
+    // A digest or size mismatch is a bad body: worth another attempt.
+    Classified {
+        message: e.to_string(),
+        permanent: false,
+        not_found: false,
+        unauthorized: false,
+    }
+}
+
+fn classify(e: OciDistributionError) -> Classified {
+    let message = sanitize(&error_chain(&e));
+    let (permanent, not_found, unauthorized) = match &e {
+        OciDistributionError::UnauthorizedError { .. } => (true, false, true),
+        OciDistributionError::AuthenticationFailure(_) => (true, false, false),
+        OciDistributionError::ImageManifestNotFoundError(_) => (true, true, false),
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+            let nf = codes.iter().any(|c| {
+                matches!(
+                    c,
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::BlobUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::NotFound
+                )
+            });
+            let unauthorized = codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized));
+            let transient = codes.iter().any(|c| matches!(c, OciErrorCode::Toomanyrequests));
+            (!transient, nf, unauthorized)
+        }
+        OciDistributionError::ServerError { code, .. } => {
+            let transient = *code >= 500 || *code == 429 || *code == 408;
+            (!transient, *code == 404, *code == 401)
+        }
+        OciDistributionError::RequestError(_)
+        | OciDistributionError::IoError(_)
+        | OciDistributionError::DigestError(_)
+        | OciDistributionError::GenericError(_) => (false, false, false),
+        _ => (true, false, false),
+    };
+    Classified {
+        message,
+        permanent,
+        not_found,
+        unauthorized,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Removes anything that looks like a credential from a message.
+pub fn sanitize(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for word in msg.split_inclusive(char::is_whitespace) {
+        let w = word.trim_end();
+        let looks_secret = w.len() > 40
+            && w.matches('.').count() >= 2
+            && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c));
+        if looks_secret || w.starts_with("sha256~") {
+            out.push_str("<redacted>");
+            out.push_str(&word[w.len()..]);
+        } else {
+            out.push_str(word);
+        }
+    }
+    out.chars().take(500).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_redacts_tokens() {
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJrdWJlcm5ldGVzIn0.c2lnbmF0dXJlc2lnbmF0dXJl";
+        let s = sanitize(&format!("denied for {jwt} at x"));
+        assert!(!s.contains(jwt), "{s}");
+        assert!(sanitize("token sha256~abcdef").contains("<redacted>"));
+        let d = Digest::of(b"a").to_string();
+        assert!(sanitize(&format!("blob {d}")).contains(&d));
+    }
+
+    #[test]
+    fn splits_pem_bundle() {
+        let pem = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
+        assert_eq!(split_pem(pem).len(), 2);
+    }
+}

@@ -1,0 +1,114 @@
+//! The transfer machinery shared by backup and restore: a bounded parallel
+//! map whose results come back in input order (a pre-sized slot per item),
+//! and progress accounting.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+/// Runs `f` on every item with at most `jobs` at once, each on its own task
+/// (so hashing and I/O spread over all cores), returning results in the
+/// order of `items`.
+pub async fn bounded<T, R, F, Fut>(items: Vec<T>, jobs: usize, f: F) -> Vec<R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Fut,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    futures::stream::iter(items)
+        .map(|item| tokio::spawn(f(item)))
+        .buffered(jobs.max(1))
+        .map(|joined| joined.expect("transfer task panicked"))
+        .collect()
+        .await
+}
+
+/// Byte and item counters for progress lines.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes done.
+    pub bytes: AtomicU64,
+    /// Items done.
+    pub items: AtomicU64,
+}
+
+/// Logs progress every `every` until the returned guard is dropped.
+pub fn report_progress(
+    what: &'static str,
+    progress: Arc<Progress>,
+    total_items: u64,
+    total_bytes: u64,
+    every: Duration,
+    enabled: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !enabled {
+            return;
+        }
+        let start = Instant::now();
+        loop {
+            tokio::time::sleep(every).await;
+            let bytes = progress.bytes.load(Ordering::Relaxed);
+            let items = progress.items.load(Ordering::Relaxed);
+            let secs = start.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(
+                "{what}: {items}/{total_items} items, {} / {} ({:.1} MiB/s)",
+                human_bytes(bytes),
+                human_bytes(total_bytes),
+                bytes as f64 / secs / 1048576.0
+            );
+        }
+    })
+}
+
+/// `1.5 GiB`-style sizes.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bounded_keeps_order_and_limit() {
+        let running = Arc::new(AtomicU64::new(0));
+        let peak = Arc::new(AtomicU64::new(0));
+        let out = bounded((0..50u64).collect(), 4, |i| {
+            let running = running.clone();
+            let peak = peak.clone();
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50 - i)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                i * 2
+            }
+        })
+        .await;
+        assert_eq!(out, (0..50).map(|i| i * 2).collect::<Vec<_>>());
+        assert!(peak.load(Ordering::SeqCst) <= 4);
+        assert!(peak.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+}
