@@ -53,13 +53,27 @@ impl ClosureError {
 }
 
 /// Walks the closure of `root` in dependency order; the root comes last.
-/// `seen` lets callers skip what an earlier walk already produced.
+/// `seen` lets callers skip what an earlier walk already produced. Fails on
+/// the first missing or unreadable member.
 pub fn walk(layout: &Layout, root: &Digest, seen: &mut HashSet<Digest>) -> Result<Vec<Node>, ClosureError> {
-    let mut out = Vec::new();
-    visit(layout, root, root, None, 0, seen, &mut out)?;
-    Ok(out)
+    let (nodes, mut errors) = walk_all(layout, root, seen);
+    if errors.is_empty() {
+        Ok(nodes)
+    } else {
+        Err(errors.swap_remove(0))
+    }
 }
 
+/// Like [`walk`], but goes on past missing or unreadable members, so that
+/// everything still reachable is marked in `seen` (gc relies on this).
+pub fn walk_all(layout: &Layout, root: &Digest, seen: &mut HashSet<Digest>) -> (Vec<Node>, Vec<ClosureError>) {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    visit(layout, root, root, None, 0, seen, &mut out, &mut errors);
+    (out, errors)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn visit(
     layout: &Layout,
     image: &Digest,
@@ -68,42 +82,62 @@ fn visit(
     depth: usize,
     seen: &mut HashSet<Digest>,
     out: &mut Vec<Node>,
-) -> Result<(), ClosureError> {
+    errors: &mut Vec<ClosureError>,
+) {
     if seen.contains(digest) {
-        return Ok(());
+        return;
     }
     if depth > 8 {
-        return Err(ClosureError::Unreadable {
+        errors.push(ClosureError::Unreadable {
             image: image.clone(),
             manifest: digest.clone(),
             reason: "index nesting deeper than 8 levels (a loop?)".into(),
         });
+        return;
     }
     if !layout.has_blob(digest) {
-        return Err(ClosureError::Missing {
+        errors.push(ClosureError::Missing {
             image: image.clone(),
             blob: digest.clone(),
         });
+        return;
     }
     let unreadable = |reason: String| ClosureError::Unreadable {
         image: image.clone(),
         manifest: digest.clone(),
         reason,
     };
-    let bytes = layout.read_small_blob(digest).map_err(|e| unreadable(e.to_string()))?;
-    let parsed = manifest::parse(digest, &bytes, None).map_err(|e| unreadable(e.to_string()))?;
+    let parsed = match layout
+        .read_small_blob(digest)
+        .map_err(|e| unreadable(e.to_string()))
+        .and_then(|bytes| {
+            manifest::parse(digest, &bytes, None)
+                .map(|p| (p, bytes.len() as u64))
+                .map_err(|e| unreadable(e.to_string()))
+        }) {
+        Ok(p) => p,
+        Err(e) => {
+            // Still reachable itself, even if what it references is unknown.
+            seen.insert(digest.clone());
+            errors.push(e);
+            return;
+        }
+    };
+    let (parsed, len) = parsed;
+    let before = errors.len();
     for child in &parsed.children {
-        visit(layout, image, &child.digest, child.size, depth + 1, seen, out)?;
+        visit(layout, image, &child.digest, child.size, depth + 1, seen, out, errors);
     }
     for blob in &parsed.blobs {
         if seen.contains(&blob.digest) {
             continue;
         }
         if !layout.has_blob(&blob.digest) {
-            return Err(ClosureError::Missing {
+            errors.push(ClosureError::Missing {
                 image: image.clone(),
                 blob: blob.digest.clone(),
             });
+            continue;
         }
         seen.insert(blob.digest.clone());
         out.push(Node {
@@ -113,10 +147,11 @@ fn visit(
         });
     }
     seen.insert(digest.clone());
-    out.push(Node {
-        digest: digest.clone(),
-        size: size.or(Some(bytes.len() as u64)),
-        manifest: Some(parsed.media_type),
-    });
-    Ok(())
+    if errors.len() == before {
+        out.push(Node {
+            digest: digest.clone(),
+            size: size.or(Some(len)),
+            manifest: Some(parsed.media_type),
+        });
+    }
 }

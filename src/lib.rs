@@ -13,13 +13,17 @@
 pub mod backup;
 pub mod capacity;
 pub mod closure;
+pub mod cmd;
 pub mod cli;
 pub mod digest;
 pub mod discovery;
+pub mod gc;
 pub mod imagestream;
 pub mod index;
 pub mod layout;
+pub mod list;
 pub mod manifest;
 pub mod registry;
 pub mod report;
 pub mod transfer;
+pub mod verify;

@@ -1,6 +1,43 @@
+//! The `imagestream-archiver` binary: parse, run, map errors to exit codes.
+
 use clap::Parser;
 use imagestream_archiver::cli::Cli;
+use imagestream_archiver::cmd::{self, Exit};
+use imagestream_archiver::report::{EXIT_INTERRUPTED, EXIT_PARTIAL};
 
 fn main() {
-    let _cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,oci_client=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let code = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            res = cmd::run(cli) => match res {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    e.downcast_ref::<Exit>().map_or(EXIT_PARTIAL, |x| x.code)
+                }
+            },
+            _ = term.recv() => {
+                eprintln!("error: stopped by SIGTERM; the archive keeps its last committed state");
+                EXIT_INTERRUPTED
+            }
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("error: interrupted; the archive keeps its last committed state");
+                EXIT_INTERRUPTED
+            }
+        }
+    });
+    // Do not wait for abandoned transfers: their temp files are invisible
+    // and swept by the next run.
+    std::process::exit(code);
 }

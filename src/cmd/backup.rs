@@ -1,0 +1,99 @@
+//! `backup`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::backup::{self, BackupOptions};
+use crate::cli::BackupArgs;
+use crate::discovery::{self, DiscoveryOptions};
+use crate::layout::{Access, Layout};
+use crate::registry::{RegistryClient, RegistrySettings};
+use crate::report::{Report, RequestCounts};
+
+/// Runs a backup.
+pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let settings = RegistrySettings::from_args(&args.registry).map_err(super::config_error)?;
+    let client = RegistryClient::new(&settings);
+    let dopts = DiscoveryOptions {
+        namespaces: args.namespaces.clone(),
+        selector: args.selector.clone(),
+        ..Default::default()
+    };
+    let discovered = match &args.imagestreams_from {
+        Some(path) => discovery::from_file(path, &dopts),
+        None => {
+            let kube = discovery::client_from_env().await.map_err(super::config_error)?;
+            discovery::discover(&kube, &dopts).await
+        }
+    }
+    .map_err(super::config_error)?;
+
+    // A dry run must not create anything: plan against an empty scratch
+    // layout when the archive does not exist yet.
+    let scratch;
+    let layout = if args.dry_run {
+        match Layout::open(&args.archive, Access::Read) {
+            Ok(l) => l,
+            Err(crate::layout::LayoutError::NotALayout { .. }) => {
+                scratch = tempfile::tempdir().context("creating a scratch directory")?;
+                Layout::open(scratch.path(), Access::Write).map_err(super::config_error)?
+            }
+            Err(e) => return Err(super::config_error(e)),
+        }
+    } else {
+        Layout::open(&args.archive, Access::Write).map_err(super::config_error)?
+    };
+    let layout = Arc::new(layout);
+
+    let opts = BackupOptions {
+        skip_external: args.skip_external,
+        prune_history: args.prune_history,
+        jobs: args.registry.jobs as usize,
+        progress: super::progress_enabled(args.report.progress),
+        failed_namespaces: discovered
+            .problems
+            .iter()
+            .filter_map(|p| p.namespace.clone())
+            .collect(),
+    };
+    let mut report = Report {
+        command: "backup".into(),
+        archive: args.archive.display().to_string(),
+        registry: settings.host.clone(),
+        dry_run: args.dry_run,
+        problems: discovered.problems.iter().map(|p| p.message.clone()).collect(),
+        ..Default::default()
+    };
+    let mut plan = backup::plan(layout.clone(), &client, discovered.streams, &opts)
+        .await
+        .map_err(super::config_error)?;
+    tracing::info!(
+        blobs = plan.blobs.len(),
+        bytes_to_fetch = plan.bytes_to_fetch(),
+        "plan made"
+    );
+    if !args.dry_run {
+        backup::execute(layout.clone(), &client, &mut plan, &opts, &mut report)
+            .await
+            .with_context(|| format!("backing up into {}", args.archive.display()))?;
+    }
+    backup::summarize(&plan, &mut report, args.dry_run);
+    report.requests = RequestCounts::from_stats(&client.stats);
+    report.seconds = started.elapsed().as_secs_f64();
+    report
+        .emit(args.report.report.as_deref())
+        .context("writing the report")?;
+    tracing::info!(
+        images_new = report.totals.images_new,
+        images_skipped = report.totals.images_skipped,
+        images_failed = report.totals.images_failed,
+        bytes_new = report.totals.bytes_new,
+        seconds = report.seconds,
+        "backup {}",
+        if args.dry_run { "planned" } else { "done" }
+    );
+    Ok(report.exit_code())
+}

@@ -1,0 +1,46 @@
+//! The verbs: each turns parsed CLI arguments into validated settings,
+//! runs the library, prints the report and returns the exit code.
+
+mod backup;
+mod inspect;
+
+use crate::cli::{Cli, Command, Progress};
+
+/// An error that ends a verb and the exit code it deserves.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    /// The exit code.
+    pub code: i32,
+    /// The message.
+    pub message: String,
+}
+
+/// Marks an error as a configuration, auth or permission problem (exit 2).
+pub fn config_error(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(Exit {
+        code: crate::report::EXIT_CONFIG,
+        message: format!("{:#}", e.into()),
+    })
+}
+
+/// Whether periodic progress lines should be logged.
+pub fn progress_enabled(p: Progress) -> bool {
+    match p {
+        Progress::None => false,
+        Progress::Auto | Progress::Log => true,
+    }
+}
+
+/// Runs the verb named on the command line; returns the exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Backup(args) => backup::run(args).await,
+        Command::Verify(args) => inspect::verify(args),
+        Command::List(args) => inspect::list(args),
+        Command::Gc(args) => inspect::gc(args),
+        Command::Restore(_) | Command::Export(_) | Command::Import(_) => {
+            Err(config_error(anyhow::anyhow!("this verb is not available yet")))
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! `verify`: re-hash every blob, check every index entry's closure, and the
+//! layout's own files.
+
+use std::collections::HashSet;
+use std::io::Read;
+
+use rayon::prelude::*;
+use serde::Serialize;
+use sha2::Digest as _;
+
+use crate::closure;
+use crate::digest::Digest;
+use crate::imagestream;
+use crate::layout::{Layout, LayoutError, INGEST_DIR};
+
+/// One problem found.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Problem {
+    /// `corrupt-blob`, `missing-blob`, `bad-manifest`, `bad-entry`, `layout`, ...
+    pub kind: &'static str,
+    /// The blob concerned, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+    /// What is wrong, naming the image or file.
+    pub message: String,
+}
+
+/// The result of `verify`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Blobs re-hashed.
+    pub blobs_checked: usize,
+    /// Bytes re-hashed.
+    pub bytes_checked: u64,
+    /// Index entries checked.
+    pub entries_checked: usize,
+    /// Problems; empty means the archive is sound.
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// True when nothing is wrong.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+fn hash_file(path: &std::path::Path) -> std::io::Result<Digest> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::from_sha256(h.finalize().into()))
+}
+
+/// Re-hashes every blob (on all cores) and returns the digests whose
+/// content does not match their name, with the reason.
+pub fn corrupt_blobs(layout: &Layout) -> Result<(Vec<(Digest, String)>, usize, u64), LayoutError> {
+    let blobs = layout.list_blobs()?;
+    let bytes = blobs.iter().map(|(_, m)| m.len()).sum();
+    let bad = blobs
+        .par_iter()
+        .filter_map(|(d, _)| match hash_file(&layout.blob_path(d)) {
+            Ok(actual) if &actual == d => None,
+            Ok(actual) => Some((d.clone(), format!("content hashes to {actual}"))),
+            Err(e) => Some((d.clone(), format!("unreadable: {e}"))),
+        })
+        .collect();
+    Ok((bad, blobs.len(), bytes))
+}
+
+/// Verifies the whole archive.
+pub fn verify(layout: &Layout) -> Result<VerifyReport, LayoutError> {
+    let mut report = VerifyReport::default();
+    let root = layout.root();
+    match std::fs::read(root.join("oci-layout")) {
+        Ok(b) => {
+            let ok = serde_json::from_slice::<serde_json::Value>(&b)
+                .ok()
+                .and_then(|v| v.get("imageLayoutVersion").and_then(|s| s.as_str()).map(str::to_owned))
+                .is_some();
+            if !ok {
+                report.problems.push(Problem {
+                    kind: "layout",
+                    digest: None,
+                    message: "oci-layout has no imageLayoutVersion".into(),
+                });
+            }
+        }
+        Err(e) => report.problems.push(Problem {
+            kind: "layout",
+            digest: None,
+            message: format!("oci-layout: {e}"),
+        }),
+    }
+    let index = match layout.read_index() {
+        Ok(i) => i,
+        Err(e) => {
+            report.problems.push(Problem {
+                kind: "index",
+                digest: None,
+                message: e.to_string(),
+            });
+            return Ok(report);
+        }
+    };
+    if !root.join("index.json").exists() {
+        report.problems.push(Problem {
+            kind: "index",
+            digest: None,
+            message: "index.json is missing".into(),
+        });
+    }
+    let (corrupt, n, bytes) = corrupt_blobs(layout)?;
+    report.blobs_checked = n;
+    report.bytes_checked = bytes;
+    let corrupt_set: HashSet<Digest> = corrupt.iter().map(|(d, _)| d.clone()).collect();
+    for (d, reason) in corrupt {
+        report.problems.push(Problem {
+            kind: "corrupt-blob",
+            digest: Some(d.clone()),
+            message: format!("blob {d}: {reason}"),
+        });
+    }
+    let mut reported_missing = HashSet::new();
+    for e in &index.entries {
+        report.entries_checked += 1;
+        let what = format!("{} (history {})", e.ref_name(), e.position);
+        match layout.blob_size(&e.digest) {
+            Some(size) if size != e.size => report.problems.push(Problem {
+                kind: "bad-entry",
+                digest: Some(e.digest.clone()),
+                message: format!("{what}: index says {} bytes, blob has {size}", e.size),
+            }),
+            _ => {}
+        }
+        if corrupt_set.contains(&e.digest) {
+            continue;
+        }
+        let mut seen = HashSet::new();
+        match closure::walk(layout, &e.digest, &mut seen) {
+            Ok(nodes) => {
+                for n in nodes {
+                    if let Some(size) = n.size {
+                        if layout.blob_size(&n.digest) != Some(size) && !corrupt_set.contains(&n.digest) {
+                            report.problems.push(Problem {
+                                kind: "bad-size",
+                                digest: Some(n.digest.clone()),
+                                message: format!(
+                                    "{what}: blob {} should have {size} bytes, has {:?}",
+                                    n.digest,
+                                    layout.blob_size(&n.digest)
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                if reported_missing.insert((e.digest.clone(), err.blob().clone())) {
+                    report.problems.push(Problem {
+                        kind: match err {
+                            closure::ClosureError::Missing { .. } => "missing-blob",
+                            closure::ClosureError::Unreadable { .. } => "bad-manifest",
+                        },
+                        digest: Some(err.blob().clone()),
+                        message: format!("{what}: {err}"),
+                    });
+                }
+            }
+        }
+    }
+    if let Some(d) = &index.imagestreams {
+        match std::fs::read(layout.blob_path(d)) {
+            Ok(bytes) => {
+                if let Err(e) = imagestream::parse_list(&bytes, "archived ImageStream list") {
+                    report.problems.push(Problem {
+                        kind: "imagestreams",
+                        digest: Some(d.clone()),
+                        message: e.to_string(),
+                    });
+                }
+            }
+            Err(e) => report.problems.push(Problem {
+                kind: "missing-blob",
+                digest: Some(d.clone()),
+                message: format!("ImageStream list {d}: {e}"),
+            }),
+        }
+    }
+    let _ = INGEST_DIR;
+    Ok(report)
+}
