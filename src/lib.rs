@@ -25,5 +25,6 @@ pub mod list;
 pub mod manifest;
 pub mod registry;
 pub mod report;
+pub mod restore;
 pub mod transfer;
 pub mod verify;

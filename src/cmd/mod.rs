@@ -3,6 +3,7 @@
 
 mod backup;
 mod inspect;
+mod restore;
 
 use crate::cli::{Cli, Command, Progress};
 
@@ -39,7 +40,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Verify(args) => inspect::verify(args),
         Command::List(args) => inspect::list(args),
         Command::Gc(args) => inspect::gc(args),
-        Command::Restore(_) | Command::Export(_) | Command::Import(_) => {
+        Command::Restore(args) => restore::run(args).await,
+        Command::Export(_) | Command::Import(_) => {
             Err(config_error(anyhow::anyhow!("this verb is not available yet")))
         }
     }

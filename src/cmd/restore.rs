@@ -1,0 +1,67 @@
+//! `restore`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::cli::RestoreArgs;
+use crate::layout::{Access, Layout};
+use crate::registry::{RegistryClient, RegistrySettings};
+use crate::report::{Report, RequestCounts};
+use crate::restore::{self, RestoreOptions};
+
+/// Runs a restore.
+pub async fn run(args: RestoreArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let settings = RegistrySettings::from_args(&args.registry).map_err(super::config_error)?;
+    let client = RegistryClient::new(&settings);
+    let map_namespaces = restore::parse_namespace_map(&args.map_namespaces)
+        .map_err(|e| super::config_error(anyhow::anyhow!(e)))?;
+    for s in &args.imagestreams {
+        if s.split('/').count() != 2 || s.starts_with('/') || s.ends_with('/') {
+            return Err(super::config_error(anyhow::anyhow!(
+                "--imagestream {s:?}: expected NAMESPACE/NAME"
+            )));
+        }
+    }
+    let opts = RestoreOptions {
+        namespaces: args.namespaces.clone(),
+        imagestreams: args.imagestreams.clone(),
+        map_namespaces,
+        overwrite: args.overwrite,
+        dry_run: args.dry_run,
+        jobs: args.registry.jobs as usize,
+    };
+    let Some(archive) = &args.archive else {
+        return Err(super::config_error(anyhow::anyhow!(
+            "restore --from needs an export stream; give --archive DIR"
+        )));
+    };
+    let layout = Arc::new(Layout::open(archive, Access::Read).map_err(super::config_error)?);
+    let mut report = Report {
+        command: "restore".into(),
+        archive: archive.display().to_string(),
+        registry: settings.host.clone(),
+        dry_run: args.dry_run,
+        ..Default::default()
+    };
+    restore::restore(layout, &client, &opts, &mut report)
+        .await
+        .with_context(|| format!("restoring from {}", archive.display()))?;
+    report.requests = RequestCounts::from_stats(&client.stats);
+    report.seconds = started.elapsed().as_secs_f64();
+    report
+        .emit(args.report.report.as_deref())
+        .context("writing the report")?;
+    tracing::info!(
+        images_pushed = report.totals.images_new,
+        images_skipped = report.totals.images_skipped,
+        images_failed = report.totals.images_failed,
+        bytes = report.totals.bytes_new,
+        seconds = report.seconds,
+        "restore {}",
+        if args.dry_run { "planned" } else { "done" }
+    );
+    Ok(report.exit_code())
+}

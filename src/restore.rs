@@ -1,0 +1,388 @@
+//! Restore: push archived images back so that the same ImageStreams, tags,
+//! history and digests exist again.
+//!
+//! For each tag, the archived history is pushed to the tag oldest first and
+//! the current image last, so the registry records the tag events in the
+//! same order. Every image's closure is pushed before its manifest (blobs,
+//! then children by digest); blobs the target has are not sent again, and a
+//! blob already pushed to another repository in this run is mounted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::OnceCell;
+
+use crate::closure;
+use crate::digest::Digest;
+use crate::index::Entry;
+use crate::layout::Layout;
+use crate::registry::{RegistryClient, RegistryError};
+use crate::report::{Failure, Report, StreamReport};
+use crate::transfer;
+
+/// What to restore and how.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Only these archived namespaces (all when empty).
+    pub namespaces: Vec<String>,
+    /// Only these archived streams, `ns/name` (all when empty).
+    pub imagestreams: Vec<String>,
+    /// Archived namespace -> target namespace.
+    pub map_namespaces: BTreeMap<String, String>,
+    /// Move tags that point at a different image.
+    pub overwrite: bool,
+    /// Report only.
+    pub dry_run: bool,
+    /// Parallel tags.
+    pub jobs: usize,
+}
+
+/// Parses `OLD=NEW` pairs.
+pub fn parse_namespace_map(pairs: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let (old, new) = p
+            .split_once('=')
+            .filter(|(o, n)| valid_namespace(o) && valid_namespace(n))
+            .ok_or_else(|| format!("--map-namespace {p:?}: expected OLD=NEW with two namespace names"))?;
+        if out.insert(old.to_string(), new.to_string()).is_some() {
+            return Err(format!("--map-namespace: {old} is mapped twice"));
+        }
+    }
+    Ok(out)
+}
+
+fn valid_namespace(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// One tag to restore: its archived events, oldest first.
+#[derive(Debug, Clone)]
+struct Unit {
+    target_namespace: String,
+    stream: String,
+    tag: String,
+    /// Oldest first; the last is the current image.
+    events: Vec<Entry>,
+}
+
+impl Unit {
+    fn repo(&self) -> String {
+        format!("{}/{}", self.target_namespace, self.stream)
+    }
+}
+
+/// Selects and groups the entries to restore.
+fn units(entries: &[Entry], opts: &RestoreOptions) -> Vec<Unit> {
+    let mut by_tag: BTreeMap<(String, String, String), Vec<Entry>> = BTreeMap::new();
+    for e in entries {
+        if !opts.namespaces.is_empty() && !opts.namespaces.contains(&e.namespace) {
+            continue;
+        }
+        if !opts.imagestreams.is_empty() && !opts.imagestreams.contains(&e.stream_key()) {
+            continue;
+        }
+        let ns = opts
+            .map_namespaces
+            .get(&e.namespace)
+            .cloned()
+            .unwrap_or_else(|| e.namespace.clone());
+        by_tag
+            .entry((ns, e.stream.clone(), e.tag.clone()))
+            .or_default()
+            .push(e.clone());
+    }
+    by_tag
+        .into_iter()
+        .map(|((ns, stream, tag), mut events)| {
+            events.sort_by(|a, b| b.position.cmp(&a.position));
+            Unit {
+                target_namespace: ns,
+                stream,
+                tag,
+                events,
+            }
+        })
+        .collect()
+}
+
+/// What happened to one tag.
+#[derive(Debug, Default)]
+struct UnitResult {
+    pushed: usize,
+    skipped: usize,
+    conflict: Option<String>,
+    failures: Vec<Failure>,
+    blobs_new: usize,
+    bytes_new: u64,
+    blobs_skipped: usize,
+}
+
+/// Pushes blobs once per repository, mounting from where they already are.
+struct Pusher {
+    client: RegistryClient,
+    layout: Arc<Layout>,
+    done: Mutex<HashMap<(String, Digest), Arc<OnceCell<BlobOutcome>>>>,
+    /// Where each blob is (or is being put) first in the target registry.
+    located: Mutex<HashMap<Digest, Arc<OnceCell<String>>>>,
+    dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlobOutcome {
+    Present,
+    Mounted,
+    Uploaded(u64),
+    WouldUpload(u64),
+}
+
+impl Pusher {
+    async fn ensure_blob(&self, repo: &str, digest: &Digest) -> Result<BlobOutcome, RegistryError> {
+        let cell = self
+            .done
+            .lock()
+            .expect("pusher lock")
+            .entry((repo.to_string(), digest.clone()))
+            .or_default()
+            .clone();
+        let mut fresh = false;
+        let outcome = cell
+            .get_or_try_init(|| async {
+                fresh = true;
+                if self.client.blob_exists(repo, digest).await? {
+                    let cell = self
+                        .located
+                        .lock()
+                        .expect("pusher lock")
+                        .entry(digest.clone())
+                        .or_default()
+                        .clone();
+                    let _ = cell.set(repo.to_string());
+                    return Ok(BlobOutcome::Present);
+                }
+                if self.dry_run {
+                    return Ok(BlobOutcome::WouldUpload(
+                        self.layout.blob_size(digest).unwrap_or(0),
+                    ));
+                }
+                // The first repository to need a blob uploads it; the others
+                // wait for that and mount it, falling back to an upload.
+                let first = self
+                    .located
+                    .lock()
+                    .expect("pusher lock")
+                    .entry(digest.clone())
+                    .or_default()
+                    .clone();
+                let mut uploaded = None;
+                let from = first
+                    .get_or_try_init(|| async {
+                        uploaded = Some(self.client.push_blob(repo, digest, &self.layout).await?);
+                        Ok::<_, RegistryError>(repo.to_string())
+                    })
+                    .await?;
+                if let Some(n) = uploaded {
+                    return Ok(BlobOutcome::Uploaded(n));
+                }
+                if from != repo && self.client.mount_blob(repo, from, digest).await {
+                    return Ok(BlobOutcome::Mounted);
+                }
+                let n = self.client.push_blob(repo, digest, &self.layout).await?;
+                Ok::<_, RegistryError>(BlobOutcome::Uploaded(n))
+            })
+            .await?;
+        // Another tag of the same repository did the work: count it once.
+        Ok(if fresh { *outcome } else { BlobOutcome::Present })
+    }
+
+    /// Pushes the closure of `image` into `repo` and returns the root
+    /// manifest's bytes and media type (the caller tags it).
+    async fn push_closure(
+        &self,
+        repo: &str,
+        image: &Digest,
+        result: &mut UnitResult,
+    ) -> Result<(Bytes, String), String> {
+        let mut seen = std::collections::HashSet::new();
+        let nodes = closure::walk(&self.layout, image, &mut seen).map_err(|e| e.to_string())?;
+        let mut root = None;
+        for node in nodes {
+            match &node.manifest {
+                None => match self.ensure_blob(repo, &node.digest).await {
+                    Ok(BlobOutcome::Present) => result.blobs_skipped += 1,
+                    Ok(BlobOutcome::Mounted) => result.blobs_new += 1,
+                    Ok(BlobOutcome::Uploaded(n)) | Ok(BlobOutcome::WouldUpload(n)) => {
+                        result.blobs_new += 1;
+                        result.bytes_new += n;
+                    }
+                    Err(e) => return Err(format!("image {image}: blob {}: {e}", node.digest)),
+                },
+                Some(media_type) => {
+                    let bytes = self
+                        .layout
+                        .read_small_blob(&node.digest)
+                        .map_err(|e| format!("image {image}: {e}"))?;
+                    if &node.digest == image {
+                        root = Some((Bytes::from(bytes), media_type.clone()));
+                    } else if !self.dry_run {
+                        // A child of an index: pushed by digest before its index.
+                        let present = self
+                            .client
+                            .resolve(repo, node.digest.as_str())
+                            .await
+                            .map_err(|e| format!("image {image}: {e}"))?
+                            .is_some();
+                        if !present {
+                            self.client
+                                .push_manifest(repo, node.digest.as_str(), Bytes::from(bytes), media_type)
+                                .await
+                                .map_err(|e| format!("image {image}: child manifest {}: {e}", node.digest))?;
+                        }
+                    }
+                }
+            }
+        }
+        root.ok_or_else(|| format!("image {image}: manifest not found in its closure"))
+    }
+
+    async fn restore_unit(&self, unit: &Unit, overwrite: bool) -> UnitResult {
+        let mut result = UnitResult::default();
+        let repo = unit.repo();
+        let fail = |e: &Entry, reason: String| Failure {
+            namespace: unit.target_namespace.clone(),
+            imagestream: unit.stream.clone(),
+            tag: unit.tag.clone(),
+            position: Some(e.position),
+            digest: Some(e.digest.clone()),
+            reason,
+        };
+        let current = unit.events.last().expect("a unit has events");
+        let existing = match self.client.resolve(&repo, &unit.tag).await {
+            Ok(d) => d,
+            Err(e) => {
+                result.failures.push(fail(current, format!("{e:#}")));
+                return result;
+            }
+        };
+        // Where to start: a tag already at the current image is done; one
+        // at an archived history image of this tag resumes after it.
+        let start = match &existing {
+            None => 0,
+            Some(d) if d == &current.digest => {
+                result.skipped = unit.events.len();
+                return result;
+            }
+            Some(d) if overwrite => unit
+                .events
+                .iter()
+                .position(|e| &e.digest == d)
+                .map_or(0, |i| i + 1),
+            Some(d) => match unit.events.iter().position(|e| &e.digest == d) {
+                Some(i) => i + 1,
+                None => {
+                    result.conflict = Some(format!(
+                        "{repo}:{} points at {d}, not at the archived {}; left alone (use --overwrite)",
+                        unit.tag, current.digest
+                    ));
+                    return result;
+                }
+            },
+        };
+        result.skipped = start;
+        for e in &unit.events[start..] {
+            match self.push_closure(&repo, &e.digest, &mut result).await {
+                Ok((bytes, media_type)) => {
+                    if self.dry_run {
+                        result.pushed += 1;
+                        continue;
+                    }
+                    match self.client.push_manifest(&repo, &unit.tag, bytes, &media_type).await {
+                        Ok(()) => result.pushed += 1,
+                        Err(err) => result.failures.push(fail(e, format!("{err:#}"))),
+                    }
+                }
+                Err(reason) => result.failures.push(fail(e, reason)),
+            }
+        }
+        result
+    }
+}
+
+/// Restores the archive's images into the registry; fills `report`.
+pub async fn restore(
+    layout: Arc<Layout>,
+    client: &RegistryClient,
+    opts: &RestoreOptions,
+    report: &mut Report,
+) -> Result<(), crate::layout::LayoutError> {
+    let index = layout.read_index()?;
+    let units = units(&index.entries, opts);
+    tracing::info!(tags = units.len(), dry_run = opts.dry_run, "restoring");
+    let pusher = Arc::new(Pusher {
+        client: client.clone(),
+        layout,
+        done: Mutex::default(),
+        located: Mutex::default(),
+        dry_run: opts.dry_run,
+    });
+    let overwrite = opts.overwrite;
+    let results = transfer::bounded(units.clone(), opts.jobs.max(1), |unit: Unit| {
+        let pusher = pusher.clone();
+        async move {
+            let r = pusher.restore_unit(&unit, overwrite).await;
+            (unit, r)
+        }
+    })
+    .await;
+    let mut images = std::collections::HashSet::new();
+    for (unit, r) in results {
+        let s: &mut StreamReport = report.imagestreams.entry(unit.repo()).or_default();
+        s.tags += 1;
+        s.history_items += unit.events.len().saturating_sub(1);
+        s.images_new += r.pushed;
+        s.images_skipped += r.skipped;
+        s.blobs_new += r.blobs_new;
+        s.bytes_new += r.bytes_new;
+        s.blobs_skipped += r.blobs_skipped;
+        s.conflicts.extend(r.conflict.clone());
+        s.failures.extend(r.failures.iter().cloned());
+        let t = &mut report.totals;
+        t.tags += 1;
+        t.history_items += unit.events.len().saturating_sub(1);
+        t.images_new += r.pushed;
+        t.images_skipped += r.skipped;
+        t.images_failed += r.failures.len();
+        t.blobs_new += r.blobs_new;
+        t.bytes_new += r.bytes_new;
+        t.blobs_skipped += r.blobs_skipped;
+        for e in &unit.events {
+            images.insert(e.digest.clone());
+        }
+        if let Some(c) = r.conflict {
+            report.problems.push(c);
+        }
+    }
+    report.totals.imagestreams = report.imagestreams.len();
+    report.totals.images = images.len();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_map() {
+        let m = parse_namespace_map(&["a=b".into(), "c-1=d".into()]).unwrap();
+        assert_eq!(m["a"], "b");
+        assert!(parse_namespace_map(&["a".into()]).is_err());
+        assert!(parse_namespace_map(&["A=b".into()]).is_err());
+        assert!(parse_namespace_map(&["a=b".into(), "a=c".into()]).is_err());
+        assert!(parse_namespace_map(&["a=../x".into()]).is_err());
+    }
+}
