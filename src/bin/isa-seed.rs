@@ -208,7 +208,7 @@ impl Settings {
 
 /// "every Nth" over a 0-based counter; N = 0 means never.
 fn every(n: usize, counter: usize) -> bool {
-    n > 0 && (counter + 1) % n == 0
+    n > 0 && (counter + 1).is_multiple_of(n)
 }
 
 // ---------------------------------------------------------------------------
@@ -493,7 +493,10 @@ fn build_single(
     let layer_type = if docker { DOCKER_LAYER } else { OCI_LAYER };
     let ns_layer = &shared.per_namespace[ns_index];
     let mut layers = vec![shared.base.clone(), ns_layer.clone()];
-    let mut sizes = Prng::new(s.seed, &format!("sizes:{}:{}", plan.label, platform.architecture));
+    let mut sizes = Prng::new(
+        s.seed,
+        &format!("sizes:{}:{}", plan.label, platform.architecture),
+    );
     for i in 0..s.layers {
         let size = s.layer_size / 2 + sizes.below(s.layer_size as u64 + 1) as usize;
         let label = format!("layer:{}:{}:{i}", plan.label, platform.architecture);
@@ -540,7 +543,11 @@ fn build_single(
     let config_digest = sha256_digest(&config_bytes);
     let manifest = ImageManifest {
         schema_version: 2,
-        media_type: if docker { DOCKER_MANIFEST } else { OCI_MANIFEST },
+        media_type: if docker {
+            DOCKER_MANIFEST
+        } else {
+            OCI_MANIFEST
+        },
         config: Descriptor {
             media_type: if docker { DOCKER_CONFIG } else { OCI_CONFIG },
             size: config_bytes.len() as u64,
@@ -557,7 +564,10 @@ fn build_single(
             })
             .collect(),
         annotations: (!docker).then(|| {
-            BTreeMap::from([("org.opencontainers.image.created".to_string(), created.clone())])
+            BTreeMap::from([(
+                "org.opencontainers.image.created".to_string(),
+                created.clone(),
+            )])
         }),
     };
     out_blobs.push((config_digest, Bytes::from(config_bytes)));
@@ -659,7 +669,11 @@ struct StreamPlan {
 fn stream_name(i: usize) -> String {
     match STREAM_NAMES.get(i) {
         Some(n) => (*n).to_string(),
-        None => format!("{}-{}", STREAM_NAMES[i % STREAM_NAMES.len()], i / STREAM_NAMES.len()),
+        None => format!(
+            "{}-{}",
+            STREAM_NAMES[i % STREAM_NAMES.len()],
+            i / STREAM_NAMES.len()
+        ),
     }
 }
 
@@ -873,7 +887,11 @@ async fn push_tag(
                 st.blobs.insert(d.clone(), *size);
             }
             for m in built.children.iter().chain(std::iter::once(&built.top)) {
-                if st.manifests.insert(m.digest.clone(), m.media_type).is_none() {
+                if st
+                    .manifests
+                    .insert(m.digest.clone(), m.media_type)
+                    .is_none()
+                {
                     st.manifest_bytes += m.data.len() as u64;
                 }
             }
@@ -920,7 +938,7 @@ fn imagestream_json(
         "generation": generation,
         "creationTimestamp": rfc3339(created),
     });
-    if stream.index % 2 == 0 {
+    if stream.index.is_multiple_of(2) {
         metadata["labels"] = json!({
             "app": stream.name,
             "app.kubernetes.io/part-of": stream.namespace,
@@ -994,7 +1012,10 @@ fn imagestream_json(
 
 async fn run(a: Args) -> Result<()> {
     let s = Settings::from_args(&a)?;
-    let registry_name = a.registry_name.clone().unwrap_or_else(|| a.registry.clone());
+    let registry_name = a
+        .registry_name
+        .clone()
+        .unwrap_or_else(|| a.registry.clone());
     let streams = plan(&s, &a.external_registry);
 
     let shared = tokio::task::block_in_place(|| -> Result<SharedLayers> {

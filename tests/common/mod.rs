@@ -1,0 +1,137 @@
+//! Shared test harness: a real registry ([`Registry`]), the seeding helper
+//! ([`seed`]), and commands for the project binary and skopeo.
+//!
+//! Use with `mod common;` in a test file.
+#![allow(dead_code)]
+
+pub mod registry;
+
+#[allow(unused_imports)]
+pub use registry::{HttpResponse, LoggedRequest, Registry};
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The project binary, `imagestream-archiver`.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_imagestream-archiver"))
+}
+
+/// The seeding helper binary, `isa-seed`.
+pub fn seed_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_isa-seed"))
+}
+
+/// `skopeo`; panics when it is not installed (tests never skip).
+pub fn skopeo() -> Command {
+    let found = ["/usr/bin/skopeo", "/usr/local/bin/skopeo"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    match found {
+        Some(p) => Command::new(p),
+        None => panic!("skopeo not found: apt-get install skopeo"),
+    }
+}
+
+/// What [`seed`] produced.
+#[derive(Debug, Clone)]
+pub struct SeedSummary {
+    /// The ImageStream list (`oc get is -A -o json` shape).
+    pub imagestreams: PathBuf,
+    /// Number of ImageStreams.
+    pub streams: u64,
+    /// Number of tags.
+    pub tags: u64,
+    /// Tag events (current + history).
+    pub items: u64,
+    /// Tag events beyond `items[0]`.
+    pub history_items: u64,
+    /// Distinct manifests pushed (images, indexes and their children).
+    pub manifests: u64,
+    /// Distinct blobs (layers and configs).
+    pub unique_blobs: u64,
+    /// Their total size.
+    pub unique_blob_bytes: u64,
+    /// The whole summary line printed by `isa-seed`.
+    pub raw: serde_json::Value,
+}
+
+impl SeedSummary {
+    /// The parsed ImageStream list.
+    pub fn list(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(&self.imagestreams)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.imagestreams.display()));
+        serde_json::from_str(&text).expect("ImageStream list is JSON")
+    }
+}
+
+/// The flags that point `isa-seed` at `reg` (address, TLS, credentials).
+pub fn seed_registry_flags(reg: &Registry) -> Vec<String> {
+    let mut flags = vec!["--registry".to_string(), reg.addr.clone()];
+    match reg.credentials() {
+        None => flags.push("--plain-http".into()),
+        Some((u, p)) => {
+            flags.push("--ca-file".into());
+            flags.push(reg.ca_pem_path().display().to_string());
+            flags.extend(["--username".into(), u.into(), "--password".into(), p.into()]);
+        }
+    }
+    flags
+}
+
+/// Run `isa-seed` against `reg` with extra `args` (e.g. `["--preset",
+/// "small"]`), writing the ImageStream list into the registry's temp dir.
+/// Panics with the seeder's stderr when it fails.
+pub fn seed(reg: &Registry, args: &[&str]) -> SeedSummary {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let out = reg.dir.path().join(format!(
+        "imagestreams-{}.json",
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let output = seed_bin()
+        .args(seed_registry_flags(reg))
+        .arg("--imagestreams-out")
+        .arg(&out)
+        .args(args)
+        .output()
+        .expect("running isa-seed");
+    if !output.status.success() {
+        panic!(
+            "isa-seed {args:?} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let raw: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "isa-seed summary is not JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    let n = |k: &str| {
+        raw[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("isa-seed summary lacks {k}: {raw}"))
+    };
+    SeedSummary {
+        imagestreams: out,
+        streams: n("streams"),
+        tags: n("tags"),
+        items: n("items"),
+        history_items: n("history_items"),
+        manifests: n("manifests"),
+        unique_blobs: n("unique_blobs"),
+        unique_blob_bytes: n("unique_blob_bytes"),
+        raw,
+    }
+}
+
+/// sha256 digest string (`sha256:<hex>`) of bytes.
+pub fn sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// Accept header value covering every manifest type the seeder pushes.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
