@@ -70,6 +70,8 @@ pub struct Plan {
     pub blobs: BTreeMap<Digest, BlobNeed>,
     /// Top-level digest -> why it failed.
     failed: HashMap<Digest, String>,
+    /// How many of `failed` are credential, permission or TLS errors.
+    pub config_failures: usize,
     /// Tag events that are not usable at all.
     bad_events: Vec<Failure>,
     /// Blobs referenced by fetched manifests that are already present.
@@ -82,10 +84,30 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// One failure reason, for messages.
+    pub fn first_failure(&self) -> Option<String> {
+        self.failed.values().min().cloned()
+    }
+
+    /// True when every image to fetch failed for credentials, permissions
+    /// or TLS: a configuration problem, not a partial backup.
+    pub fn refused_entirely(&self) -> bool {
+        self.config_failures > 0
+            && self.config_failures == self.failed.len()
+            && self.fetched.is_empty()
+    }
+
     /// Bytes still to download (blobs plus manifests).
     pub fn bytes_to_fetch(&self) -> u64 {
-        self.blobs.values().map(|b| b.size.unwrap_or(0)).sum::<u64>()
-            + self.fetched.values().map(|f| f.bytes.len() as u64).sum::<u64>()
+        self.blobs
+            .values()
+            .map(|b| b.size.unwrap_or(0))
+            .sum::<u64>()
+            + self
+                .fetched
+                .values()
+                .map(|f| f.bytes.len() as u64)
+                .sum::<u64>()
     }
 }
 
@@ -165,7 +187,7 @@ pub async fn plan(
             let client = client.clone();
             let layout = layout.clone();
             async move {
-                let mut last = String::new();
+                let mut last = (String::new(), false);
                 for repo in &repos {
                     match fetch_tree(&client, &layout, repo, &digest).await {
                         Ok(tree) => return (digest, repo.clone(), Ok(tree)),
@@ -181,7 +203,8 @@ pub async fn plan(
     let mut counted: HashSet<Digest> = HashSet::new();
     for (top, repo, result) in results {
         match result {
-            Err(reason) => {
+            Err((reason, config)) => {
+                plan.config_failures += usize::from(config);
                 plan.failed.insert(top, reason);
             }
             Ok(tree) => {
@@ -222,7 +245,7 @@ async fn fetch_tree(
     layout: &Layout,
     repo: &str,
     top: &Digest,
-) -> Result<Vec<(Digest, Fetched)>, String> {
+) -> Result<Vec<(Digest, Fetched)>, (String, bool)> {
     let mut out: Vec<(Digest, Fetched)> = Vec::new();
     // (digest, depth); a stack of pending manifests, expanded depth first.
     let mut pending = vec![(top.clone(), 0usize)];
@@ -233,16 +256,22 @@ async fn fetch_tree(
             continue;
         }
         if depth > 8 {
-            return Err(format!("index nesting deeper than 8 levels at {digest}"));
+            return Err((
+                format!("index nesting deeper than 8 levels at {digest}"),
+                false,
+            ));
         }
         let bytes = client
             .pull_manifest(repo, &digest)
             .await
-            .map_err(|e| format!("{e:#}"))?;
-        let parsed = manifest::parse(&digest, &bytes, None).map_err(|e| e.to_string())?;
+            .map_err(|e| (format!("{e:#}"), e.is_config()))?;
+        let parsed = manifest::parse(&digest, &bytes, None).map_err(|e| (e.to_string(), false))?;
         for child in &parsed.children {
             if &child.digest == top || seen.contains(&child.digest) {
-                return Err(format!("index {digest} references {} again (loop)", child.digest));
+                return Err((
+                    format!("index {digest} references {} again (loop)", child.digest),
+                    false,
+                ));
             }
             if !layout.has_blob(&child.digest) {
                 pending.push((child.digest.clone(), depth + 1));
@@ -287,10 +316,16 @@ pub async fn execute(
             let layout = layout.clone();
             let progress = progress.clone();
             async move {
-                let r = client.pull_blob(&need.repo, &digest, need.size, &layout).await;
-                progress.items.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let r = client
+                    .pull_blob(&need.repo, &digest, need.size, &layout)
+                    .await;
+                progress
+                    .items
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Ok(n) = &r {
-                    progress.bytes.fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
+                    progress
+                        .bytes
+                        .fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
                 }
                 (digest, need, r)
             }
@@ -308,7 +343,9 @@ pub async fn execute(
                 report.totals.blobs_new += 1;
                 report.totals.bytes_new += n;
             }
-            Err(e) if e.is_permanent() && matches!(e, crate::registry::RegistryError::Layout(_)) => {
+            Err(e)
+                if e.is_permanent() && matches!(e, crate::registry::RegistryError::Layout(_)) =>
+            {
                 // A full disk or a permission error ends the run; the
                 // committed index stays as it was.
                 if let crate::registry::RegistryError::Layout(le) = e {
@@ -355,8 +392,10 @@ pub async fn execute(
             }
             None => {
                 let f = &plan.fetched[&top];
-                plan.known
-                    .insert(top.clone(), (f.parsed.media_type.clone(), f.bytes.len() as u64));
+                plan.known.insert(
+                    top.clone(),
+                    (f.parsed.media_type.clone(), f.bytes.len() as u64),
+                );
             }
         }
     }
@@ -372,7 +411,12 @@ pub fn summarize(plan: &Plan, report: &mut Report, dry_run: bool) {
     let mut images: HashSet<&Digest> = HashSet::new();
     for is in &plan.streams {
         let s = report.imagestreams.entry(is.key()).or_default();
-        s.tags = is.status.tags.iter().filter(|t| !t.items.is_empty()).count();
+        s.tags = is
+            .status
+            .tags
+            .iter()
+            .filter(|t| !t.items.is_empty())
+            .count();
         s.history_items = is
             .status
             .tags
@@ -422,7 +466,10 @@ pub fn summarize(plan: &Plan, report: &mut Report, dry_run: bool) {
     }
     report.totals.images = images.len();
     report.totals.images_skipped = images.iter().filter(|d| plan.present.contains(**d)).count();
-    report.totals.images_failed = images.iter().filter(|d| plan.failed.contains_key(**d)).count();
+    report.totals.images_failed = images
+        .iter()
+        .filter(|d| plan.failed.contains_key(**d))
+        .count();
     report.totals.images_new =
         report.totals.images - report.totals.images_skipped - report.totals.images_failed;
     report.totals.blobs_skipped = plan.blobs_present;
@@ -465,7 +512,9 @@ fn merge_index(
             }
             None => None,
         };
-        let Some((media_type, size)) = meta else { continue };
+        let Some((media_type, size)) = meta else {
+            continue;
+        };
         current.insert((repo_of(r), r.tag.clone(), r.digest.clone()));
         entries.push(Entry {
             namespace: r.namespace.clone(),

@@ -131,7 +131,11 @@ pub fn parse_quantity(s: &str) -> Result<u64, CapacityError> {
             }
             (10u128.pow(exp), 1)
         }
-        _ => return Err(bad("unknown suffix (use Ki, Mi, Gi, Ti, k, M, G, T or none)")),
+        _ => {
+            return Err(bad(
+                "unknown suffix (use Ki, Mi, Gi, Ti, k, M, G, T or none)",
+            ))
+        }
     };
     let bytes = mantissa
         .checked_mul(mul)
@@ -288,7 +292,9 @@ pub enum CapacityError {
         message: String,
     },
     /// Any other error status.
-    #[error("{operation} for PVC {namespace}/{pvc}: HTTP {code} after {attempts} attempt(s): {message}")]
+    #[error(
+        "{operation} for PVC {namespace}/{pvc}: HTTP {code} after {attempts} attempt(s): {message}"
+    )]
     Status {
         /// What was being done.
         operation: String,
@@ -316,7 +322,7 @@ pub enum CapacityError {
         attempts: u32,
         /// The last cause.
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// Every attempt of a request timed out.
     #[error("{operation} for PVC {namespace}/{pvc}: no answer within {timeout:?} ({attempts} attempt(s))")]
@@ -369,50 +375,57 @@ pub enum CapacityError {
     },
     /// The plan needs more than `--max-size`.
     #[error(
-        "PVC {namespace}/{pvc} would need {needed} ({used} used + {to_fetch} to fetch + {headroom_pct}% headroom) \
-         but --max-size is {max}; raise --max-size or back up fewer namespaces"
+        "PVC {namespace}/{pvc} would need {} ({} used + {} to fetch + {headroom_pct}% headroom) \
+         but --max-size is {}; raise --max-size or back up fewer namespaces",
+        format_gib(*.needed), human(*.used), human(*.to_fetch), format_gib(*.max)
     )]
     ExceedsMax {
         /// Namespace.
         namespace: String,
         /// PVC name.
         pvc: String,
-        /// The size needed (`NGi`).
-        needed: String,
-        /// Bytes used now, human-readable.
-        used: String,
-        /// Bytes to fetch, human-readable.
-        to_fetch: String,
+        /// The size needed, in bytes (whole GiB).
+        needed: u64,
+        /// Bytes used now.
+        used: u64,
+        /// Bytes to fetch.
+        to_fetch: u64,
         /// The headroom.
         headroom_pct: u8,
-        /// The cap (`NGi`).
-        max: String,
+        /// The cap, in bytes.
+        max: u64,
     },
     /// The filesystem did not grow in time.
-    #[error(
-        "PVC {namespace}/{pvc}: the filesystem at {path} did not grow to {target} within {waited:?} \
-         (filesystem size {fs_total}, free {fs_free}; PVC status.capacity {capacity}; conditions: {conditions})"
-    )]
-    ResizeTimeout {
-        /// Namespace.
-        namespace: String,
-        /// PVC name.
-        pvc: String,
-        /// The archive path watched.
-        path: PathBuf,
-        /// The size asked for.
-        target: String,
-        /// How long it waited.
-        waited: Duration,
-        /// Filesystem size at the end, human-readable.
-        fs_total: String,
-        /// Free bytes at the end, human-readable.
-        fs_free: String,
-        /// Last seen `status.capacity.storage`.
-        capacity: String,
-        /// Last seen conditions.
-        conditions: String,
-    },
+    #[error(transparent)]
+    ResizeTimeout(Box<ResizeTimeout>),
+}
+
+/// The filesystem did not grow in time (see [`CapacityError::ResizeTimeout`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "PVC {namespace}/{pvc}: the filesystem at {} did not grow to {} within {waited:?} \
+     (filesystem size {}, free {}; PVC status.capacity {capacity}; conditions: {conditions})",
+    .path.display(), format_gib(*.target), human(*.fs_total), human(*.fs_free)
+)]
+pub struct ResizeTimeout {
+    /// Namespace.
+    pub namespace: String,
+    /// PVC name.
+    pub pvc: String,
+    /// The archive path watched.
+    pub path: PathBuf,
+    /// The size asked for, in bytes.
+    pub target: u64,
+    /// How long it waited.
+    pub waited: Duration,
+    /// Filesystem size at the end.
+    pub fs_total: u64,
+    /// Free bytes at the end.
+    pub fs_free: u64,
+    /// Last seen `status.capacity.storage` of the PVC.
+    pub capacity: String,
+    /// Last seen conditions of the PVC.
+    pub conditions: String,
 }
 
 /// Bytes in a short human form (`1.5 GiB`), for messages.
@@ -450,7 +463,7 @@ pub async fn ensure_capacity(
     let target = needed_size(space.used, req.to_fetch, req.headroom_pct);
     let pvc = api.get_pvc().await?;
     let requested = requested_storage(&pvc)
-        .map(|q| parse_quantity(q))
+        .map(parse_quantity)
         .transpose()?
         .unwrap_or(0);
     tracing::info!(
@@ -472,11 +485,11 @@ pub async fn ensure_capacity(
             return Err(CapacityError::ExceedsMax {
                 namespace: req.namespace.clone(),
                 pvc: req.pvc.clone(),
-                needed: format_gib(target),
-                used: human(space.used),
-                to_fetch: human(req.to_fetch),
+                needed: target,
+                used: space.used,
+                to_fetch: req.to_fetch,
                 headroom_pct: req.headroom_pct,
-                max: format_gib(max),
+                max,
             });
         }
     }
@@ -578,20 +591,20 @@ async fn wait_for_growth(api: &PvcApi<'_>, target: u64) -> Result<FsSpace, Capac
             return Ok(space);
         }
         if start.elapsed() >= req.timeout {
-            return Err(CapacityError::ResizeTimeout {
+            return Err(CapacityError::ResizeTimeout(Box::new(ResizeTimeout {
                 namespace: req.namespace.clone(),
                 pvc: req.pvc.clone(),
                 path: req.archive.clone(),
-                target: format_gib(target),
+                target,
                 waited: start.elapsed(),
-                fs_total: human(space.total),
-                fs_free: human(space.free),
+                fs_total: space.total,
+                fs_free: space.free,
                 capacity: last.0,
                 conditions: last.1,
-            });
+            })));
         }
         // Follow the PVC's status every 5 polls; a failure here is only logged.
-        if polls % 5 == 0 {
+        if polls.is_multiple_of(5) {
             match api.get_pvc().await {
                 Ok(pvc) => {
                     let now = pvc_status_summary(&pvc);
@@ -622,7 +635,10 @@ struct PvcApi<'a> {
 
 impl PvcApi<'_> {
     fn pvc_path(&self) -> String {
-        format!("/api/v1/namespaces/{}/persistentvolumeclaims", self.req.namespace)
+        format!(
+            "/api/v1/namespaces/{}/persistentvolumeclaims",
+            self.req.namespace
+        )
     }
 
     fn error(&self, operation: &str, e: CallError) -> CapacityError {
@@ -643,7 +659,7 @@ impl PvcApi<'_> {
                 namespace,
                 pvc,
                 attempts,
-                source,
+                source: Box::new(source),
             },
             CallError::Timeout { timeout, attempts } => CapacityError::RequestTimeout {
                 operation,
@@ -655,7 +671,13 @@ impl PvcApi<'_> {
         }
     }
 
-    fn status_error(&self, operation: &str, code: StatusCode, body: &[u8], attempts: u32) -> CapacityError {
+    fn status_error(
+        &self,
+        operation: &str,
+        code: StatusCode,
+        body: &[u8],
+        attempts: u32,
+    ) -> CapacityError {
         let (namespace, pvc, operation) = (
             self.req.namespace.clone(),
             self.req.pvc.clone(),
@@ -681,7 +703,11 @@ impl PvcApi<'_> {
         }
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(&self, operation: &str, body: &[u8]) -> Result<T, CapacityError> {
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        operation: &str,
+        body: &[u8],
+    ) -> Result<T, CapacityError> {
         serde_json::from_slice(body).map_err(|e| CapacityError::Decode {
             operation: operation.to_string(),
             namespace: self.req.namespace.clone(),
@@ -834,8 +860,16 @@ mod tests {
             used: total - free,
         };
         assert!(grown_enough(&s(target, 5 * GIB), target, 4 * GIB));
-        assert!(grown_enough(&s(target / 100 * 96, 5 * GIB), target, 4 * GIB));
-        assert!(!grown_enough(&s(target / 100 * 90, 5 * GIB), target, 4 * GIB));
+        assert!(grown_enough(
+            &s(target / 100 * 96, 5 * GIB),
+            target,
+            4 * GIB
+        ));
+        assert!(!grown_enough(
+            &s(target / 100 * 90, 5 * GIB),
+            target,
+            4 * GIB
+        ));
         assert!(!grown_enough(&s(target, 3 * GIB), target, 4 * GIB));
     }
 
@@ -849,7 +883,10 @@ mod tests {
     #[test]
     fn fs_space_of_a_real_directory() {
         let s = fs_space(Path::new(".")).unwrap();
-        assert!(s.total > 0 && s.free <= s.total && s.used <= s.total, "{s:?}");
+        assert!(
+            s.total > 0 && s.free <= s.total && s.used <= s.total,
+            "{s:?}"
+        );
         assert!(fs_space(Path::new("/does/not/exist")).is_err());
     }
 
@@ -868,6 +905,9 @@ mod tests {
         assert_eq!(requested_storage(&pvc), Some("2Gi"));
         let (cap, cond) = pvc_status_summary(&pvc);
         assert_eq!(cap, "1Gi");
-        assert_eq!(cond, "FileSystemResizePending=True (Waiting for user to (re-)start a pod)");
+        assert_eq!(
+            cond,
+            "FileSystemResizePending=True (Waiting for user to (re-)start a pod)"
+        );
     }
 }

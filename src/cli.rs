@@ -10,7 +10,12 @@ pub const DEFAULT_REGISTRY: &str = "image-registry.openshift-image-registry.svc:
 /// Back up the images of OpenShift ImageStreams into one OCI image layout,
 /// and restore them.
 #[derive(Debug, Parser)]
-#[command(name = "imagestream-archiver", version, about, propagate_version = true)]
+#[command(
+    name = "imagestream-archiver",
+    version,
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -144,7 +149,12 @@ pub struct BackupArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RestoreArgs {
     /// The archive directory to restore from.
-    #[arg(long, env = "ISA_ARCHIVE", required_unless_present = "from", conflicts_with = "from")]
+    #[arg(
+        long,
+        env = "ISA_ARCHIVE",
+        required_unless_present = "from",
+        conflicts_with = "from"
+    )]
     pub archive: Option<PathBuf>,
     /// Restore straight from an exported .tar.zst stream (`-` for stdin).
     #[arg(long, value_name = "FILE")]

@@ -55,7 +55,11 @@ impl ClosureError {
 /// Walks the closure of `root` in dependency order; the root comes last.
 /// `seen` lets callers skip what an earlier walk already produced. Fails on
 /// the first missing or unreadable member.
-pub fn walk(layout: &Layout, root: &Digest, seen: &mut HashSet<Digest>) -> Result<Vec<Node>, ClosureError> {
+pub fn walk(
+    layout: &Layout,
+    root: &Digest,
+    seen: &mut HashSet<Digest>,
+) -> Result<Vec<Node>, ClosureError> {
     let (nodes, mut errors) = walk_all(layout, root, seen);
     if errors.is_empty() {
         Ok(nodes)
@@ -66,7 +70,11 @@ pub fn walk(layout: &Layout, root: &Digest, seen: &mut HashSet<Digest>) -> Resul
 
 /// Like [`walk`], but goes on past missing or unreadable members, so that
 /// everything still reachable is marked in `seen` (gc relies on this).
-pub fn walk_all(layout: &Layout, root: &Digest, seen: &mut HashSet<Digest>) -> (Vec<Node>, Vec<ClosureError>) {
+pub fn walk_all(
+    layout: &Layout,
+    root: &Digest,
+    seen: &mut HashSet<Digest>,
+) -> (Vec<Node>, Vec<ClosureError>) {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     visit(layout, root, root, None, 0, seen, &mut out, &mut errors);
@@ -126,7 +134,16 @@ fn visit(
     let (parsed, len) = parsed;
     let before = errors.len();
     for child in &parsed.children {
-        visit(layout, image, &child.digest, child.size, depth + 1, seen, out, errors);
+        visit(
+            layout,
+            image,
+            &child.digest,
+            child.size,
+            depth + 1,
+            seen,
+            out,
+            errors,
+        );
     }
     for blob in &parsed.blobs {
         if seen.contains(&blob.digest) {

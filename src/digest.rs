@@ -30,7 +30,10 @@ impl Digest {
         if hex.len() != 64 {
             return Err(err("a sha256 digest has 64 hex characters"));
         }
-        if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(err("a sha256 digest is lowercase hex"));
         }
         Ok(Digest(s.to_string()))
@@ -59,7 +62,9 @@ impl Digest {
 
     /// The path of this blob relative to the layout root.
     pub fn blob_path(&self) -> std::path::PathBuf {
-        std::path::Path::new("blobs").join("sha256").join(self.hex())
+        std::path::Path::new("blobs")
+            .join("sha256")
+            .join(self.hex())
     }
 }
 

@@ -262,9 +262,9 @@ pub async fn discover(
     if namespaces.is_empty() {
         match list_paged(client, opts, None).await {
             Ok(items) => collect_items(items, None, &mut streams, &mut problems),
-            Err(ListFailure::Refused { code: 403, message, .. }) => {
-                return Err(DiscoveryError::ClusterForbidden { message })
-            }
+            Err(ListFailure::Refused {
+                code: 403, message, ..
+            }) => return Err(DiscoveryError::ClusterForbidden { message }),
             Err(failure) => return Err(failure.into_error(None)),
         }
     } else {
@@ -385,7 +385,10 @@ fn item_to_stream(mut item: Value) -> Result<ImageStream, (Option<String>, Strin
     let is: ImageStream = serde_json::from_value(item)
         .map_err(|e| (ns.clone(), format!("ImageStream {name}: {e}")))?;
     if is.metadata.name.is_empty() || is.metadata.namespace.is_empty() {
-        return Err((ns, "metadata.name and metadata.namespace are required".into()));
+        return Err((
+            ns,
+            "metadata.name and metadata.namespace are required".into(),
+        ));
     }
     if is.kind != "ImageStream" {
         return Err((ns, format!("{name}: kind {:?} is not ImageStream", is.kind)));
@@ -436,7 +439,9 @@ impl ListFailure {
         let operation = LIST_OP.to_string();
         let scope = scope(namespace);
         match self {
-            ListFailure::Refused { code: 401, message, .. } => DiscoveryError::Unauthorized {
+            ListFailure::Refused {
+                code: 401, message, ..
+            } => DiscoveryError::Unauthorized {
                 operation,
                 scope,
                 message,
@@ -452,22 +457,24 @@ impl ListFailure {
                 message,
                 attempts,
             },
-            ListFailure::Fatal(CallFailureOrOther::Call(CallError::Transport { source, attempts })) => {
-                DiscoveryError::Transport {
-                    operation,
-                    scope,
-                    attempts,
-                    source,
-                }
-            }
-            ListFailure::Fatal(CallFailureOrOther::Call(CallError::Timeout { timeout, attempts })) => {
-                DiscoveryError::Timeout {
-                    operation,
-                    scope,
-                    timeout,
-                    attempts,
-                }
-            }
+            ListFailure::Fatal(CallFailureOrOther::Call(CallError::Transport {
+                source,
+                attempts,
+            })) => DiscoveryError::Transport {
+                operation,
+                scope,
+                attempts,
+                source,
+            },
+            ListFailure::Fatal(CallFailureOrOther::Call(CallError::Timeout {
+                timeout,
+                attempts,
+            })) => DiscoveryError::Timeout {
+                operation,
+                scope,
+                timeout,
+                attempts,
+            },
             ListFailure::Fatal(CallFailureOrOther::Call(CallError::Build(reason)))
             | ListFailure::Fatal(CallFailureOrOther::Decode(reason)) => DiscoveryError::Decode {
                 operation,
@@ -562,9 +569,11 @@ struct Page {
 
 /// Parses one page of a list answer.
 fn parse_page(body: &[u8]) -> Result<Page, String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if kind != "ImageStreamList" && kind != "List" {
         return Err(format!("kind {kind:?} is not ImageStreamList"));
     }
@@ -744,9 +753,15 @@ mod tests {
             stream("b", "three", &[("app", "web")]),
         ];
         let out = filter_streams(all.clone(), &["a".into()], Some("app=web"));
-        assert_eq!(out.iter().map(ImageStream::key).collect::<Vec<_>>(), ["a/one"]);
+        assert_eq!(
+            out.iter().map(ImageStream::key).collect::<Vec<_>>(),
+            ["a/one"]
+        );
         let out = filter_streams(all.clone(), &[], Some("app!=web"));
-        assert_eq!(out.iter().map(ImageStream::key).collect::<Vec<_>>(), ["a/two"]);
+        assert_eq!(
+            out.iter().map(ImageStream::key).collect::<Vec<_>>(),
+            ["a/two"]
+        );
         assert_eq!(filter_streams(all, &[], None).len(), 3);
     }
 
@@ -760,8 +775,16 @@ mod tests {
         assert_eq!(p.continue_token.as_deref(), Some("tok"));
         assert_eq!(p.items.len(), 1);
         let p = parse_page(br#"{"kind":"ImageStreamList","metadata":{},"items":null}"#).unwrap();
-        assert_eq!(p, Page { items: vec![], continue_token: None });
-        assert!(parse_page(br#"{"kind":"Status"}"#).unwrap_err().contains("Status"));
+        assert_eq!(
+            p,
+            Page {
+                items: vec![],
+                continue_token: None
+            }
+        );
+        assert!(parse_page(br#"{"kind":"Status"}"#)
+            .unwrap_err()
+            .contains("Status"));
         assert!(parse_page(b"<html>").unwrap_err().contains("not JSON"));
     }
 
@@ -781,9 +804,10 @@ mod tests {
     fn item_without_kind_is_an_imagestream() {
         let is = item_to_stream(json!({"metadata": {"name": "n", "namespace": "ns"}})).unwrap();
         assert_eq!(is.kind, "ImageStream");
-        let (ns, reason) =
-            item_to_stream(json!({"metadata": {"name": "n", "namespace": "ns"}, "status": {"tags": 3}}))
-                .unwrap_err();
+        let (ns, reason) = item_to_stream(
+            json!({"metadata": {"name": "n", "namespace": "ns"}, "status": {"tags": 3}}),
+        )
+        .unwrap_err();
         assert_eq!(ns.as_deref(), Some("ns"));
         assert!(reason.contains("ImageStream n"), "{reason}");
         assert!(item_to_stream(json!({"metadata": {"name": "n"}})).is_err());
@@ -800,8 +824,14 @@ mod tests {
         assert_eq!(p.delay(1, None), Duration::from_millis(100));
         assert_eq!(p.delay(3, None), Duration::from_millis(400));
         assert_eq!(p.delay(30, None), Duration::from_secs(2));
-        assert_eq!(p.delay(1, Some(Duration::from_secs(1))), Duration::from_secs(1));
-        assert_eq!(p.delay(1, Some(Duration::from_secs(600))), Duration::from_secs(2));
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(1))),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(600))),
+            Duration::from_secs(2)
+        );
     }
 
     #[test]
@@ -827,7 +857,10 @@ mod tests {
             message: "Forbidden: nope".into(),
         };
         let s = e.to_string();
-        assert!(s.contains("--namespace") && s.contains("registry-viewer"), "{s}");
+        assert!(
+            s.contains("--namespace") && s.contains("registry-viewer"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -79,10 +79,18 @@ fn default_kind() -> String {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ImageStreamStatus {
     /// e.g. `image-registry.openshift-image-registry.svc:5000/ns/name`.
-    #[serde(rename = "dockerImageRepository", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "dockerImageRepository",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub docker_image_repository: String,
     /// The route's name for the repository, when exposed.
-    #[serde(rename = "publicDockerImageRepository", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "publicDockerImageRepository",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub public_docker_image_repository: Option<String>,
     /// One entry per tag with its history, newest first.
     #[serde(default, deserialize_with = "null_as_default")]
@@ -206,7 +214,10 @@ pub fn parse_list(json: &[u8], origin: &str) -> Result<Vec<ImageStream>, ImageSt
         reason,
     };
     let value: Value = serde_json::from_slice(json).map_err(|e| shape(e.to_string()))?;
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let items: Vec<Value> = match kind {
         "ImageStream" => vec![value],
         "List" | "ImageStreamList" => match value.get("items") {
@@ -223,10 +234,15 @@ pub fn parse_list(json: &[u8], origin: &str) -> Result<Vec<ImageStream>, ImageSt
             let is: ImageStream =
                 serde_json::from_value(item).map_err(|e| shape(format!("item {i}: {e}")))?;
             if is.kind != "ImageStream" {
-                return Err(shape(format!("item {i}: kind {:?} is not ImageStream", is.kind)));
+                return Err(shape(format!(
+                    "item {i}: kind {:?} is not ImageStream",
+                    is.kind
+                )));
             }
             if is.metadata.name.is_empty() || is.metadata.namespace.is_empty() {
-                return Err(shape(format!("item {i}: metadata.name and metadata.namespace are required")));
+                return Err(shape(format!(
+                    "item {i}: metadata.name and metadata.namespace are required"
+                )));
             }
             Ok(is)
         })
@@ -253,16 +269,23 @@ pub fn to_list(streams: &[ImageStream]) -> Value {
 }
 
 /// Matches a label selector of the form `a=b,c!=d,e` (equality-based only).
-pub fn matches_selector(labels: &std::collections::BTreeMap<String, String>, selector: &str) -> bool {
-    selector.split(',').map(str::trim).filter(|s| !s.is_empty()).all(|term| {
-        if let Some((k, v)) = term.split_once("!=") {
-            labels.get(k.trim()).map(String::as_str) != Some(v.trim())
-        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            labels.get(k.trim()).map(String::as_str) == Some(v.trim())
-        } else if let Some(k) = term.strip_prefix('!') {
-            !labels.contains_key(k.trim())
-        } else {
-            labels.contains_key(term)
-        }
-    })
+pub fn matches_selector(
+    labels: &std::collections::BTreeMap<String, String>,
+    selector: &str,
+) -> bool {
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .all(|term| {
+            if let Some((k, v)) = term.split_once("!=") {
+                labels.get(k.trim()).map(String::as_str) != Some(v.trim())
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                labels.get(k.trim()).map(String::as_str) == Some(v.trim())
+            } else if let Some(k) = term.strip_prefix('!') {
+                !labels.contains_key(k.trim())
+            } else {
+                labels.contains_key(term)
+            }
+        })
 }

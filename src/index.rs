@@ -127,8 +127,8 @@ impl ArchiveIndex {
                 index.foreign.push(value);
                 continue;
             }
-            let d: RawDescriptor = serde_json::from_value(value)
-                .map_err(|e| format!("manifests[{i}]: {e}"))?;
+            let d: RawDescriptor =
+                serde_json::from_value(value).map_err(|e| format!("manifests[{i}]: {e}"))?;
             let get = |k: &str| d.annotations.get(k).cloned().unwrap_or_default();
             let position = get(ANN_POSITION)
                 .parse()
@@ -156,8 +156,7 @@ impl ArchiveIndex {
     /// Sorts entries into their canonical order.
     pub fn sort(&mut self) {
         self.entries.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-        self.entries
-            .dedup_by(|a, b| a.sort_key() == b.sort_key());
+        self.entries.dedup_by(|a, b| a.sort_key() == b.sort_key());
     }
 
     /// Serializes to `index.json` bytes, deterministically.
@@ -256,9 +255,15 @@ mod tests {
     #[test]
     fn roundtrip_is_stable() {
         let mut idx = ArchiveIndex {
-            entries: vec![entry("v2", 1, b"b"), entry("v1", 0, b"a"), entry("v2", 0, b"c")],
+            entries: vec![
+                entry("v2", 1, b"b"),
+                entry("v1", 0, b"a"),
+                entry("v2", 0, b"c"),
+            ],
             imagestreams: Some(Digest::of(b"list")),
-            foreign: vec![serde_json::json!({"mediaType":"x/y","digest":Digest::of(b"z"),"size":1})],
+            foreign: vec![
+                serde_json::json!({"mediaType":"x/y","digest":Digest::of(b"z"),"size":1}),
+            ],
         };
         idx.sort();
         let json = idx.to_json();

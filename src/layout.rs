@@ -490,7 +490,10 @@ mod tests {
         let mut w = layout.blob_writer(&Digest::of(b"xyz"), Some(3)).unwrap();
         w.write(b"xy").unwrap();
         drop(w);
-        assert_eq!(fs::read_dir(dir.path().join(INGEST_DIR)).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join(INGEST_DIR)).unwrap().count(),
+            0
+        );
     }
 
     #[test]
@@ -498,7 +501,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _a = Layout::open(dir.path(), Access::Write).unwrap();
         let err = Layout::open(dir.path(), Access::Write).unwrap_err();
-        assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
         assert!(Layout::open(dir.path(), Access::Read).is_err());
     }
 

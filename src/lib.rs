@@ -12,9 +12,9 @@
 
 pub mod backup;
 pub mod capacity;
+pub mod cli;
 pub mod closure;
 pub mod cmd;
-pub mod cli;
 pub mod digest;
 pub mod discovery;
 pub mod gc;

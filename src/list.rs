@@ -70,7 +70,11 @@ pub fn list(layout: &Layout) -> Result<Listing, LayoutError> {
             .entry(e.stream.clone())
             .or_default();
         *s.tags.entry(e.tag.clone()).or_default() += 1;
-        if per_stream_images.entry(key).or_default().insert(e.digest.clone()) {
+        if per_stream_images
+            .entry(key)
+            .or_default()
+            .insert(e.digest.clone())
+        {
             s.images += 1;
         }
         for (d, size) in nodes.iter() {
@@ -95,7 +99,10 @@ pub fn list(layout: &Layout) -> Result<Listing, LayoutError> {
 pub fn render(l: &Listing) -> String {
     use crate::transfer::human_bytes;
     let mut s = String::new();
-    s.push_str(&format!("{:<50} {:>5} {:>8} {:>7} {:>12}\n", "NAMESPACE/IMAGESTREAM", "TAGS", "HISTORY", "IMAGES", "SIZE"));
+    s.push_str(&format!(
+        "{:<50} {:>5} {:>8} {:>7} {:>12}\n",
+        "NAMESPACE/IMAGESTREAM", "TAGS", "HISTORY", "IMAGES", "SIZE"
+    ));
     for (ns, streams) in &l.namespaces {
         for (name, st) in streams {
             let history: usize = st.tags.values().map(|n| n.saturating_sub(1)).sum();

@@ -109,7 +109,11 @@ const MAX_BLOB_SIZE: i64 = 1 << 40;
 
 /// Parses manifest bytes whose digest is `digest`. `served_type` is the
 /// Content-Type the registry gave, when known.
-pub fn parse(digest: &Digest, bytes: &[u8], served_type: Option<&str>) -> Result<Parsed, ManifestError> {
+pub fn parse(
+    digest: &Digest,
+    bytes: &[u8],
+    served_type: Option<&str>,
+) -> Result<Parsed, ManifestError> {
     if bytes.len() as u64 > MAX_MANIFEST_SIZE {
         return Err(ManifestError::TooLarge {
             digest: digest.clone(),
@@ -123,7 +127,10 @@ pub fn parse(digest: &Digest, bytes: &[u8], served_type: Option<&str>) -> Result
     let raw: RawManifest = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
     let desc = |d: &RawDesc, what: &str| -> Result<Reference, ManifestError> {
         if d.size < 0 || d.size > MAX_BLOB_SIZE {
-            return Err(invalid(format!("{what} {} has an absurd size {}", d.digest, d.size)));
+            return Err(invalid(format!(
+                "{what} {} has an absurd size {}",
+                d.digest, d.size
+            )));
         }
         Ok(Reference {
             digest: Digest::parse(&d.digest).map_err(|e| invalid(format!("{what}: {e}")))?,
@@ -208,7 +215,10 @@ mod tests {
         let p = parse(&d, m.as_bytes(), None).unwrap();
         assert_eq!(p.media_type, DOCKER_MANIFEST);
         assert_eq!(p.blobs.len(), 2);
-        let idx = format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":{}}}]}}"#, m.len());
+        let idx = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":{}}}]}}"#,
+            m.len()
+        );
         let p = parse(&Digest::of(idx.as_bytes()), idx.as_bytes(), None).unwrap();
         assert_eq!(p.media_type, OCI_INDEX);
         assert!(p.is_index());
@@ -224,7 +234,10 @@ mod tests {
         let trav = r#"{"schemaVersion":2,"config":{"digest":"sha256:../../x","size":1}}"#;
         assert!(parse(&d, trav.as_bytes(), None).is_err());
         let big = vec![b' '; 5 << 20];
-        assert!(matches!(parse(&d, &big, None), Err(ManifestError::TooLarge { .. })));
+        assert!(matches!(
+            parse(&d, &big, None),
+            Err(ManifestError::TooLarge { .. })
+        ));
         let selfref = format!(r#"{{"schemaVersion":2,"manifests":[{{"digest":"{d}","size":1}}]}}"#);
         assert!(parse(&d, selfref.as_bytes(), None).is_err());
     }
@@ -232,7 +245,12 @@ mod tests {
     #[test]
     fn unknown_kind_kept() {
         let d = Digest::of(b"x");
-        let p = parse(&d, br#"{"schemaVersion":2,"mediaType":"application/x-custom"}"#, None).unwrap();
+        let p = parse(
+            &d,
+            br#"{"schemaVersion":2,"mediaType":"application/x-custom"}"#,
+            None,
+        )
+        .unwrap();
         assert_eq!(p.media_type, "application/x-custom");
         assert!(p.blobs.is_empty() && p.children.is_empty());
     }

@@ -37,6 +37,9 @@ pub enum RegistryError {
         permanent: bool,
         /// Whether the registry said the thing does not exist.
         not_found: bool,
+        /// Whether the cause is configuration: credentials refused (401,
+        /// 403) or a TLS certificate that does not verify.
+        config: bool,
     },
     /// Reading credentials or certificates failed.
     #[error("cannot read {what} {path}")]
@@ -57,7 +60,17 @@ pub enum RegistryError {
 impl RegistryError {
     /// True for 404-like answers.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, RegistryError::Request { not_found: true, .. })
+        matches!(
+            self,
+            RegistryError::Request {
+                not_found: true,
+                ..
+            }
+        )
+    }
+    /// True when credentials, permissions or TLS settings are at fault.
+    pub fn is_config(&self) -> bool {
+        matches!(self, RegistryError::Request { config: true, .. })
     }
     /// True when retrying cannot help (auth, permission, full disk).
     pub fn is_permanent(&self) -> bool {
@@ -253,9 +266,17 @@ impl RegistryClient {
 
     fn reference(&self, repo: &str, digest_or_tag: &str) -> Reference {
         if digest_or_tag.starts_with("sha256:") {
-            Reference::with_digest(self.host.clone(), repo.to_string(), digest_or_tag.to_string())
+            Reference::with_digest(
+                self.host.clone(),
+                repo.to_string(),
+                digest_or_tag.to_string(),
+            )
         } else {
-            Reference::with_tag(self.host.clone(), repo.to_string(), digest_or_tag.to_string())
+            Reference::with_tag(
+                self.host.clone(),
+                repo.to_string(),
+                digest_or_tag.to_string(),
+            )
         }
     }
 
@@ -303,6 +324,7 @@ impl RegistryClient {
                     },
                     permanent: err.permanent,
                     not_found: err.not_found,
+                    config: err.config,
                 });
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -318,21 +340,26 @@ impl RegistryClient {
     pub async fn pull_manifest(&self, repo: &str, digest: &Digest) -> Result<Bytes, RegistryError> {
         let reference = self.reference(repo, digest.as_str());
         let what = format!("{}/{repo}@{digest}", self.host);
-        self.retry("pull manifest", &what, &reference, RegistryOperation::Pull, || async {
-            self.stats.manifest_requests.fetch_add(1, Ordering::Relaxed);
-            let (bytes, _) = self
-                .client
-                .pull_manifest_raw(&reference, &self.auth, ACCEPTED)
-                .await
-                .map_err(Attempt::Oci)?;
-            if Digest::of(&bytes) != *digest {
-                return Err(Attempt::Oci(OciDistributionError::GenericError(Some(format!(
-                    "served manifest hashes to {}",
-                    Digest::of(&bytes)
-                )))));
-            }
-            Ok(bytes)
-        })
+        self.retry(
+            "pull manifest",
+            &what,
+            &reference,
+            RegistryOperation::Pull,
+            || async {
+                self.stats.manifest_requests.fetch_add(1, Ordering::Relaxed);
+                let (bytes, _) = self
+                    .client
+                    .pull_manifest_raw(&reference, &self.auth, ACCEPTED)
+                    .await
+                    .map_err(Attempt::Oci)?;
+                if Digest::of(&bytes) != *digest {
+                    return Err(Attempt::Oci(OciDistributionError::GenericError(Some(
+                        format!("served manifest hashes to {}", Digest::of(&bytes)),
+                    ))));
+                }
+                Ok(bytes)
+            },
+        )
         .await
     }
 
@@ -352,28 +379,35 @@ impl RegistryClient {
             size: size.unwrap_or(0) as i64,
             ..Default::default()
         };
-        self.retry("pull blob", &what, &reference, RegistryOperation::Pull, || async {
-            if layout.has_blob(digest) {
-                return Ok(0);
-            }
-            self.stats.blob_requests.fetch_add(1, Ordering::Relaxed);
-            let mut stream = self
-                .client
-                .pull_blob_stream(&reference, &desc)
-                .await
-                .map_err(Attempt::Oci)?;
-            let mut writer = layout.blob_writer(digest, size).map_err(Attempt::Layout)?;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| Attempt::Oci(OciDistributionError::IoError(e)))?;
-                self.stats
-                    .bytes_in
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                writer.write(&chunk).map_err(Attempt::Layout)?;
-            }
-            let n = writer.written();
-            writer.finish().map_err(Attempt::Layout)?;
-            Ok(n)
-        })
+        self.retry(
+            "pull blob",
+            &what,
+            &reference,
+            RegistryOperation::Pull,
+            || async {
+                if layout.has_blob(digest) {
+                    return Ok(0);
+                }
+                self.stats.blob_requests.fetch_add(1, Ordering::Relaxed);
+                let mut stream = self
+                    .client
+                    .pull_blob_stream(&reference, &desc)
+                    .await
+                    .map_err(Attempt::Oci)?;
+                let mut writer = layout.blob_writer(digest, size).map_err(Attempt::Layout)?;
+                while let Some(chunk) = stream.next().await {
+                    let chunk =
+                        chunk.map_err(|e| Attempt::Oci(OciDistributionError::IoError(e)))?;
+                    self.stats
+                        .bytes_in
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    writer.write(&chunk).map_err(Attempt::Layout)?;
+                }
+                let n = writer.written();
+                writer.finish().map_err(Attempt::Layout)?;
+                Ok(n)
+            },
+        )
         .await
     }
 
@@ -381,13 +415,19 @@ impl RegistryClient {
     pub async fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<bool, RegistryError> {
         let reference = self.reference(repo, digest.as_str());
         let what = format!("{}/{repo}@{digest}", self.host);
-        self.retry("check blob", &what, &reference, RegistryOperation::Push, || async {
-            self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
-            self.client
-                .blob_exists(&reference, digest.as_str())
-                .await
-                .map_err(Attempt::Oci)
-        })
+        self.retry(
+            "check blob",
+            &what,
+            &reference,
+            RegistryOperation::Push,
+            || async {
+                self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
+                self.client
+                    .blob_exists(&reference, digest.as_str())
+                    .await
+                    .map_err(Attempt::Oci)
+            },
+        )
         .await
     }
 
@@ -400,7 +440,11 @@ impl RegistryClient {
             .store_auth_if_needed(&self.host, &self.auth)
             .await;
         self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
-        match self.client.mount_blob(&reference, &source, digest.as_str()).await {
+        match self
+            .client
+            .mount_blob(&reference, &source, digest.as_str())
+            .await
+        {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(%digest, repo, from, error = %sanitize(&e.to_string()), "mount refused; uploading");
@@ -419,49 +463,70 @@ impl RegistryClient {
         let reference = self.reference(repo, digest.as_str());
         let what = format!("{}/{repo}@{digest}", self.host);
         let path = layout.blob_path(digest);
-        self.retry("push blob", &what, &reference, RegistryOperation::Push, || async {
-            let file = tokio::fs::File::open(&path).await.map_err(|source| {
-                Attempt::Layout(LayoutError::Io {
-                    op: "open",
-                    path: path.clone(),
-                    source,
-                })
-            })?;
-            let size = file
-                .metadata()
-                .await
-                .map_err(|e| Attempt::Oci(e.into()))?
-                .len();
-            self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
-            let stats = self.stats.clone();
-            let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |r| {
-                if let Ok(b) = &r {
-                    stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
-                }
-                r.map_err(OciDistributionError::IoError)
-            });
-            self.client
-                .push_blob_stream(&reference, stream, digest.as_str(), Some(size))
-                .await
-                .map_err(Attempt::Oci)?;
-            Ok(size)
-        })
+        self.retry(
+            "push blob",
+            &what,
+            &reference,
+            RegistryOperation::Push,
+            || async {
+                let file = tokio::fs::File::open(&path).await.map_err(|source| {
+                    Attempt::Layout(LayoutError::Io {
+                        op: "open",
+                        path: path.clone(),
+                        source,
+                    })
+                })?;
+                let size = file
+                    .metadata()
+                    .await
+                    .map_err(|e| Attempt::Oci(e.into()))?
+                    .len();
+                self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
+                let stats = self.stats.clone();
+                let stream =
+                    tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |r| {
+                        if let Ok(b) = &r {
+                            stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        }
+                        r.map_err(OciDistributionError::IoError)
+                    });
+                self.client
+                    .push_blob_stream(&reference, stream, digest.as_str(), Some(size))
+                    .await
+                    .map_err(Attempt::Oci)?;
+                Ok(size)
+            },
+        )
         .await
     }
 
     /// The digest a tag (or digest) currently resolves to, `None` if absent.
-    pub async fn resolve(&self, repo: &str, tag_or_digest: &str) -> Result<Option<Digest>, RegistryError> {
+    pub async fn resolve(
+        &self,
+        repo: &str,
+        tag_or_digest: &str,
+    ) -> Result<Option<Digest>, RegistryError> {
         let reference = self.reference(repo, tag_or_digest);
-        let sep = if tag_or_digest.starts_with("sha256:") { '@' } else { ':' };
+        let sep = if tag_or_digest.starts_with("sha256:") {
+            '@'
+        } else {
+            ':'
+        };
         let what = format!("{}/{repo}{sep}{tag_or_digest}", self.host);
         let res = self
-            .retry("resolve", &what, &reference, RegistryOperation::Pull, || async {
-                self.stats.manifest_requests.fetch_add(1, Ordering::Relaxed);
-                self.client
-                    .fetch_manifest_digest(&reference, &self.auth)
-                    .await
-                    .map_err(Attempt::Oci)
-            })
+            .retry(
+                "resolve",
+                &what,
+                &reference,
+                RegistryOperation::Pull,
+                || async {
+                    self.stats.manifest_requests.fetch_add(1, Ordering::Relaxed);
+                    self.client
+                        .fetch_manifest_digest(&reference, &self.auth)
+                        .await
+                        .map_err(Attempt::Oci)
+                },
+            )
             .await;
         match res {
             Ok(d) => Ok(Digest::parse(&d).ok()),
@@ -479,17 +544,27 @@ impl RegistryClient {
         media_type: &str,
     ) -> Result<(), RegistryError> {
         let reference = self.reference(repo, tag_or_digest);
-        let sep = if tag_or_digest.starts_with("sha256:") { '@' } else { ':' };
+        let sep = if tag_or_digest.starts_with("sha256:") {
+            '@'
+        } else {
+            ':'
+        };
         let what = format!("{}/{repo}{sep}{tag_or_digest}", self.host);
         let content_type = reqwest_header(media_type);
-        self.retry("push manifest", &what, &reference, RegistryOperation::Push, || async {
-            self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
-            self.client
-                .push_manifest_raw(&reference, body.clone(), content_type.clone())
-                .await
-                .map_err(Attempt::Oci)?;
-            Ok(())
-        })
+        self.retry(
+            "push manifest",
+            &what,
+            &reference,
+            RegistryOperation::Push,
+            || async {
+                self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
+                self.client
+                    .push_manifest_raw(&reference, body.clone(), content_type.clone())
+                    .await
+                    .map_err(Attempt::Oci)?;
+                Ok(())
+            },
+        )
         .await
     }
 }
@@ -510,6 +585,7 @@ struct Classified {
     permanent: bool,
     not_found: bool,
     unauthorized: bool,
+    config: bool,
 }
 
 fn classify_layout(e: LayoutError) -> Classified {
@@ -519,11 +595,13 @@ fn classify_layout(e: LayoutError) -> Classified {
         permanent: false,
         not_found: false,
         unauthorized: false,
+        config: false,
     }
 }
 
 fn classify(e: OciDistributionError) -> Classified {
     let message = sanitize(&error_chain(&e));
+    let tls = message.contains("certificate") || message.contains("UnknownIssuer");
     let (permanent, not_found, unauthorized) = match &e {
         OciDistributionError::UnauthorizedError { .. } => (true, false, true),
         OciDistributionError::AuthenticationFailure(_) => (true, false, false),
@@ -539,18 +617,23 @@ fn classify(e: OciDistributionError) -> Classified {
                         | OciErrorCode::NotFound
                 )
             });
-            let unauthorized = codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized));
-            let transient = codes.iter().any(|c| matches!(c, OciErrorCode::Toomanyrequests));
-            (!transient, nf, unauthorized)
+            let unauthorized = codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::Unauthorized));
+            let transient = codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::Toomanyrequests));
+            let denied = codes.iter().any(|c| matches!(c, OciErrorCode::Denied));
+            (!transient, nf, unauthorized || denied)
         }
         OciDistributionError::ServerError { code, .. } => {
             let transient = *code >= 500 || *code == 429 || *code == 408;
-            (!transient, *code == 404, *code == 401)
+            (!transient, *code == 404, *code == 401 || *code == 403)
         }
         OciDistributionError::RequestError(_)
         | OciDistributionError::IoError(_)
         | OciDistributionError::DigestError(_)
-        | OciDistributionError::GenericError(_) => (false, false, false),
+        | OciDistributionError::GenericError(_) => (tls, false, false),
         _ => (true, false, false),
     };
     Classified {
@@ -558,6 +641,7 @@ fn classify(e: OciDistributionError) -> Classified {
         permanent,
         not_found,
         unauthorized,
+        config: unauthorized || tls || matches!(e, OciDistributionError::AuthenticationFailure(_)),
     }
 }
 
@@ -582,7 +666,8 @@ pub fn sanitize(msg: &str) -> String {
         let w = word.trim_end();
         let looks_secret = w.len() > 40
             && w.matches('.').count() >= 2
-            && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c));
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c));
         if looks_secret || w.starts_with("sha256~") {
             out.push_str("<redacted>");
             out.push_str(&word[w.len()..]);

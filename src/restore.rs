@@ -45,7 +45,9 @@ pub fn parse_namespace_map(pairs: &[String]) -> Result<BTreeMap<String, String>,
         let (old, new) = p
             .split_once('=')
             .filter(|(o, n)| valid_namespace(o) && valid_namespace(n))
-            .ok_or_else(|| format!("--map-namespace {p:?}: expected OLD=NEW with two namespace names"))?;
+            .ok_or_else(|| {
+                format!("--map-namespace {p:?}: expected OLD=NEW with two namespace names")
+            })?;
         if out.insert(old.to_string(), new.to_string()).is_some() {
             return Err(format!("--map-namespace: {old} is mapped twice"));
         }
@@ -56,7 +58,8 @@ pub fn parse_namespace_map(pairs: &[String]) -> Result<BTreeMap<String, String>,
 fn valid_namespace(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -197,7 +200,11 @@ impl Pusher {
             })
             .await?;
         // Another tag of the same repository did the work: count it once.
-        Ok(if fresh { *outcome } else { BlobOutcome::Present })
+        Ok(if fresh {
+            *outcome
+        } else {
+            BlobOutcome::Present
+        })
     }
 
     /// Pushes the closure of `image` into `repo` and returns the root
@@ -239,9 +246,16 @@ impl Pusher {
                             .is_some();
                         if !present {
                             self.client
-                                .push_manifest(repo, node.digest.as_str(), Bytes::from(bytes), media_type)
+                                .push_manifest(
+                                    repo,
+                                    node.digest.as_str(),
+                                    Bytes::from(bytes),
+                                    media_type,
+                                )
                                 .await
-                                .map_err(|e| format!("image {image}: child manifest {}: {e}", node.digest))?;
+                                .map_err(|e| {
+                                    format!("image {image}: child manifest {}: {e}", node.digest)
+                                })?;
                         }
                     }
                 }
@@ -301,7 +315,11 @@ impl Pusher {
                         result.pushed += 1;
                         continue;
                     }
-                    match self.client.push_manifest(&repo, &unit.tag, bytes, &media_type).await {
+                    match self
+                        .client
+                        .push_manifest(&repo, &unit.tag, bytes, &media_type)
+                        .await
+                    {
                         Ok(()) => result.pushed += 1,
                         Err(err) => result.failures.push(fail(e, format!("{err:#}"))),
                     }

@@ -83,7 +83,11 @@ pub fn verify(layout: &Layout) -> Result<VerifyReport, LayoutError> {
         Ok(b) => {
             let ok = serde_json::from_slice::<serde_json::Value>(&b)
                 .ok()
-                .and_then(|v| v.get("imageLayoutVersion").and_then(|s| s.as_str()).map(str::to_owned))
+                .and_then(|v| {
+                    v.get("imageLayoutVersion")
+                        .and_then(|s| s.as_str())
+                        .map(str::to_owned)
+                })
                 .is_some();
             if !ok {
                 report.problems.push(Problem {
@@ -148,7 +152,9 @@ pub fn verify(layout: &Layout) -> Result<VerifyReport, LayoutError> {
             Ok(nodes) => {
                 for n in nodes {
                     if let Some(size) = n.size {
-                        if layout.blob_size(&n.digest) != Some(size) && !corrupt_set.contains(&n.digest) {
+                        if layout.blob_size(&n.digest) != Some(size)
+                            && !corrupt_set.contains(&n.digest)
+                        {
                             report.problems.push(Problem {
                                 kind: "bad-size",
                                 digest: Some(n.digest.clone()),

@@ -25,7 +25,9 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
     let discovered = match &args.imagestreams_from {
         Some(path) => discovery::from_file(path, &dopts),
         None => {
-            let kube = discovery::client_from_env().await.map_err(super::config_error)?;
+            let kube = discovery::client_from_env()
+                .await
+                .map_err(super::config_error)?;
             discovery::discover(&kube, &dopts).await
         }
     }
@@ -64,7 +66,11 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
         archive: args.archive.display().to_string(),
         registry: settings.host.clone(),
         dry_run: args.dry_run,
-        problems: discovered.problems.iter().map(|p| p.message.clone()).collect(),
+        problems: discovered
+            .problems
+            .iter()
+            .map(|p| p.message.clone())
+            .collect(),
         ..Default::default()
     };
     let mut plan = backup::plan(layout.clone(), &client, discovered.streams, &opts)
@@ -75,6 +81,13 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
         bytes_to_fetch = plan.bytes_to_fetch(),
         "plan made"
     );
+    if plan.refused_entirely() {
+        return Err(super::config_error(anyhow::anyhow!(
+            "registry {} refused every request: {}",
+            settings.host,
+            plan.first_failure().unwrap_or_default()
+        )));
+    }
     if !args.dry_run {
         backup::execute(layout.clone(), &client, &mut plan, &opts, &mut report)
             .await

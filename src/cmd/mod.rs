@@ -41,8 +41,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::List(args) => inspect::list(args),
         Command::Gc(args) => inspect::gc(args),
         Command::Restore(args) => restore::run(args).await,
-        Command::Export(_) | Command::Import(_) => {
-            Err(config_error(anyhow::anyhow!("this verb is not available yet")))
-        }
+        Command::Export(_) | Command::Import(_) => Err(config_error(anyhow::anyhow!(
+            "this verb is not available yet"
+        ))),
     }
 }

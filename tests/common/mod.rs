@@ -4,6 +4,8 @@
 //! Use with `mod common;` in a test file.
 #![allow(dead_code)]
 
+pub mod fake_kube;
+pub mod proxy;
 pub mod registry;
 
 #[allow(unused_imports)]
@@ -135,3 +137,101 @@ pub fn sha256(data: &[u8]) -> String {
 
 /// Accept header value covering every manifest type the seeder pushes.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The flags that point `imagestream-archiver` at `reg` (address, TLS,
+/// credentials through a password file).
+pub fn archiver_registry_flags(reg: &Registry) -> Vec<String> {
+    let mut flags = vec!["--registry".to_string(), reg.addr.clone()];
+    match reg.credentials() {
+        None => flags.push("--plain-http".into()),
+        Some((u, p)) => {
+            let pw = reg.dir.path().join("password");
+            std::fs::write(&pw, p).expect("writing password file");
+            flags.push("--ca-file".into());
+            flags.push(reg.ca_pem_path().display().to_string());
+            flags.extend([
+                "--username".into(),
+                u.into(),
+                "--password-file".into(),
+                pw.display().to_string(),
+            ]);
+        }
+    }
+    flags
+}
+
+/// Output of a finished command.
+pub struct Run {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout parsed as JSON (the report).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs the archiver with `args`, returning code and output.
+pub fn run<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = bin()
+        .args(args)
+        .output()
+        .expect("running imagestream-archiver");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs the archiver and panics unless it exits with `code`.
+pub fn run_ok<I, S>(code: i32, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let r = run(args);
+    assert_eq!(
+        r.code, code,
+        "exit code\nstdout:\n{}\nstderr:\n{}",
+        r.stdout, r.stderr
+    );
+    r
+}
+
+/// `(namespace, name, tag, position, digest)` of every tag event of a list.
+pub fn tag_events(list: &serde_json::Value) -> Vec<(String, String, String, usize, String)> {
+    let mut out = Vec::new();
+    for is in list["items"].as_array().into_iter().flatten() {
+        let ns = is["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = is["metadata"]["name"].as_str().unwrap_or_default();
+        for t in is["status"]["tags"].as_array().into_iter().flatten() {
+            let tag = t["tag"].as_str().unwrap_or_default();
+            for (i, item) in t["items"].as_array().into_iter().flatten().enumerate() {
+                out.push((
+                    ns.to_string(),
+                    name.to_string(),
+                    tag.to_string(),
+                    i,
+                    item["image"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
