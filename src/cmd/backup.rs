@@ -88,6 +88,9 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
             plan.first_failure().unwrap_or_default()
         )));
     }
+    if let Some(pvc) = &args.pvc {
+        ensure_room(&args, pvc, plan.bytes_to_fetch()).await?;
+    }
     if !args.dry_run {
         backup::execute(layout.clone(), &client, &mut plan, &opts, &mut report)
             .await
@@ -109,4 +112,66 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
         if args.dry_run { "planned" } else { "done" }
     );
     Ok(report.exit_code())
+}
+
+/// Grows the archive's PVC before anything is downloaded, when the plan
+/// needs more room than the volume has (keeping `--headroom` free).
+async fn ensure_room(args: &BackupArgs, pvc: &str, to_fetch: u64) -> anyhow::Result<()> {
+    use crate::capacity::{self, ResizeOutcome, ResizeRequest};
+    let namespace = args
+        .pvc_namespace
+        .clone()
+        .or_else(capacity::own_namespace)
+        .ok_or_else(|| {
+            super::config_error(anyhow::anyhow!(
+                "--pvc {pvc}: no --pvc-namespace given and not running in a pod"
+            ))
+        })?;
+    let max_size = args
+        .max_size
+        .as_deref()
+        .map(capacity::parse_quantity)
+        .transpose()
+        .map_err(super::config_error)?;
+    if args.dry_run {
+        let space = capacity::fs_space(&args.archive).ok();
+        if let Some(space) = space.filter(|s| capacity::needs_growth(s, to_fetch, args.headroom)) {
+            tracing::info!(
+                pvc,
+                needed = %capacity::format_gib(capacity::needed_size(space.used, to_fetch, args.headroom)),
+                "dry run: the PVC would be grown before downloading"
+            );
+        }
+        return Ok(());
+    }
+    let req = ResizeRequest::new(
+        pvc,
+        namespace,
+        &args.archive,
+        to_fetch,
+        args.headroom,
+        max_size,
+        std::time::Duration::from_secs(args.resize_timeout),
+    );
+    let space = capacity::fs_space(&args.archive)
+        .with_context(|| format!("statvfs {}", args.archive.display()))?;
+    if !capacity::needs_growth(&space, to_fetch, args.headroom) {
+        return Ok(());
+    }
+    let kube = discovery::client_from_env()
+        .await
+        .map_err(super::config_error)?;
+    match capacity::ensure_capacity(&kube, &req)
+        .await
+        .map_err(super::config_error)?
+    {
+        ResizeOutcome::Grown { from, to, .. } => tracing::info!(
+            pvc,
+            from = %capacity::human(from),
+            to = %capacity::human(to),
+            "PVC grown before downloading"
+        ),
+        other => tracing::info!(pvc, ?other, "PVC has room"),
+    }
+    Ok(())
 }

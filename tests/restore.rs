@@ -1,0 +1,409 @@
+//! Restore: a round trip between two real registries.
+
+mod common;
+
+use common::proxy::Proxy;
+use common::{archiver_registry_flags, run, run_ok, seed, tag_events, Registry};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+struct Fixture {
+    _a: Registry,
+    list: Value,
+    archive: PathBuf,
+    _work: tempfile::TempDir,
+}
+
+fn backed_up() -> Fixture {
+    let a = Registry::start();
+    let seeded = seed(&a, &["--preset", "small", "--history", "3"]);
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("archive");
+    let mut args = vec![
+        "backup".to_string(),
+        "--archive".into(),
+        archive.display().to_string(),
+        "--imagestreams-from".into(),
+        seeded.imagestreams.display().to_string(),
+    ];
+    args.extend(archiver_registry_flags(&a));
+    run_ok(0, &args);
+    Fixture {
+        list: seeded.list(),
+        _a: a,
+        archive,
+        _work: work,
+    }
+}
+
+fn restore_args(archive: &Path, registry: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "restore".to_string(),
+        "--archive".into(),
+        archive.display().to_string(),
+        "--registry".into(),
+        registry.to_string(),
+        "--plain-http".into(),
+        "--progress".into(),
+        "none".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn head_digest(reg: &Registry, repo: &str, reference: &str) -> Option<String> {
+    let r = reg
+        .request(
+            "HEAD",
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &[("Accept", common::MANIFEST_ACCEPT)],
+        )
+        .unwrap();
+    (r.status == 200).then(|| r.header("docker-content-digest").unwrap().to_string())
+}
+
+fn writes(p: &Proxy) -> Vec<common::proxy::Record> {
+    p.records()
+        .into_iter()
+        .filter(|r| matches!(r.method.as_str(), "PUT" | "POST" | "PATCH"))
+        .collect()
+}
+
+#[test]
+fn round_trip_same_digests_history_in_order_and_idempotent() {
+    let f = backed_up();
+    let b = Registry::start();
+    let proxy = Proxy::start(&b.addr);
+    let report = run_ok(0, restore_args(&f.archive, &proxy.addr, &[])).json();
+    assert_eq!(report["totals"]["images_failed"], 0, "{report}");
+
+    // Every tag event is served by B with the same digest; current tags match.
+    let events = tag_events(&f.list);
+    assert!(events.iter().any(|e| e.3 >= 2), "history of depth 2+");
+    for (ns, name, tag, pos, digest) in &events {
+        let repo = format!("{ns}/{name}");
+        assert_eq!(
+            head_digest(&b, &repo, digest).as_deref(),
+            Some(digest.as_str()),
+            "{repo} {digest}"
+        );
+        if *pos == 0 {
+            assert_eq!(
+                head_digest(&b, &repo, tag).as_deref(),
+                Some(digest.as_str()),
+                "{repo}:{tag}"
+            );
+        }
+    }
+    // Every blob of the archive re-hashes correctly in B.
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(f.archive.join("index.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for m in index["manifests"].as_array().unwrap() {
+        let repo = format!(
+            "{}/{}",
+            m["annotations"]["io.imagestream-archiver.namespace"]
+                .as_str()
+                .unwrap(),
+            m["annotations"]["io.imagestream-archiver.imagestream"]
+                .as_str()
+                .unwrap()
+        );
+        let body = b
+            .request(
+                "GET",
+                &format!("/v2/{repo}/manifests/{}", m["digest"].as_str().unwrap()),
+                &[("Accept", common::MANIFEST_ACCEPT)],
+            )
+            .unwrap()
+            .body;
+        let manifest: Value = serde_json::from_slice(&body).unwrap();
+        let children: Vec<Value> = manifest["manifests"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut blobs: Vec<Value> = manifest["layers"].as_array().cloned().unwrap_or_default();
+        blobs.extend(manifest.get("config").cloned());
+        for c in &children {
+            let cb = b
+                .request(
+                    "GET",
+                    &format!("/v2/{repo}/manifests/{}", c["digest"].as_str().unwrap()),
+                    &[("Accept", common::MANIFEST_ACCEPT)],
+                )
+                .unwrap()
+                .body;
+            assert_eq!(common::sha256(&cb), c["digest"].as_str().unwrap());
+            let cm: Value = serde_json::from_slice(&cb).unwrap();
+            blobs.extend(cm["layers"].as_array().cloned().unwrap_or_default());
+            blobs.extend(cm.get("config").cloned());
+        }
+        for blob in blobs {
+            let d = blob["digest"].as_str().unwrap();
+            let got = b
+                .request("GET", &format!("/v2/{repo}/blobs/{d}"), &[])
+                .unwrap();
+            assert_eq!(got.status, 200, "{repo} {d}");
+            assert_eq!(common::sha256(&got.body), d);
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+
+    // Per tag, the manifest PUTs by tag came oldest first, current last.
+    let mut pushed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in writes(&proxy) {
+        if r.method == "PUT"
+            && r.path.contains("/manifests/")
+            && !r.path.contains("/manifests/sha256:")
+        {
+            let key = r
+                .path
+                .trim_start_matches("/v2/")
+                .replace("/manifests/", ":");
+            pushed
+                .entry(key)
+                .or_default()
+                .push(r.body_digest.clone().unwrap());
+        }
+    }
+    let mut expected: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
+    for (ns, name, tag, pos, digest) in &events {
+        expected
+            .entry(format!("{ns}/{name}:{tag}"))
+            .or_default()
+            .push((*pos, digest.clone()));
+    }
+    assert_eq!(pushed.len(), expected.len());
+    for (tag, mut evs) in expected {
+        evs.sort_by(|a, b| b.0.cmp(&a.0));
+        let want: Vec<String> = evs.into_iter().map(|e| e.1).collect();
+        assert_eq!(
+            pushed[&tag], want,
+            "push order of {tag}: oldest first, current last"
+        );
+    }
+
+    // A second run pushes nothing at all.
+    let before = proxy.records().len();
+    let report = run_ok(0, restore_args(&f.archive, &proxy.addr, &[])).json();
+    let after: Vec<_> = proxy.records().into_iter().skip(before).collect();
+    assert!(
+        after
+            .iter()
+            .all(|r| r.method == "GET" || r.method == "HEAD"),
+        "second restore sends no write: {:?}",
+        after
+            .iter()
+            .filter(|r| r.method != "GET" && r.method != "HEAD")
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        after.iter().all(|r| !r.path.contains("/blobs/")),
+        "nor checks a blob"
+    );
+    assert_eq!(report["totals"]["images_new"], 0);
+    assert_eq!(report["totals"]["blobs_new"], 0);
+}
+
+#[test]
+fn map_namespace_lands_under_new_names_with_same_digests() {
+    let f = backed_up();
+    let c = Registry::start();
+    run_ok(
+        0,
+        restore_args(
+            &f.archive,
+            &c.addr,
+            &["--map-namespace", "team-a=team-z", "--namespace", "team-a"],
+        ),
+    );
+    let mut n = 0;
+    for (ns, name, tag, pos, digest) in tag_events(&f.list) {
+        let mapped = format!("team-z/{name}");
+        if ns == "team-a" {
+            n += 1;
+            assert_eq!(
+                head_digest(&c, &mapped, &digest).as_deref(),
+                Some(digest.as_str())
+            );
+            if pos == 0 {
+                assert_eq!(
+                    head_digest(&c, &mapped, &tag).as_deref(),
+                    Some(digest.as_str())
+                );
+            }
+        }
+        assert_eq!(
+            head_digest(&c, &format!("{ns}/{name}"), &tag),
+            None,
+            "nothing under the old names"
+        );
+    }
+    assert!(n > 0);
+}
+
+#[test]
+fn conflicting_tag_is_reported_and_left_alone_unless_overwrite() {
+    let f = backed_up();
+    let b = Registry::start();
+    // Restore one stream, then move one of its tags to another image.
+    let events = tag_events(&f.list);
+    let (ns, name, tag, _, current) = events.iter().find(|e| e.3 == 0).unwrap().clone();
+    let other = events
+        .iter()
+        .find(|e| e.0 == ns && e.1 == name && e.4 != current && e.2 != tag)
+        .or_else(|| {
+            events
+                .iter()
+                .find(|e| e.0 == ns && e.1 == name && e.4 != current)
+        })
+        .unwrap()
+        .4
+        .clone();
+    run_ok(
+        0,
+        restore_args(
+            &f.archive,
+            &b.addr,
+            &["--imagestream", &format!("{ns}/{name}")],
+        ),
+    );
+    let repo = format!("{ns}/{name}");
+    let body = b
+        .request(
+            "GET",
+            &format!("/v2/{repo}/manifests/{other}"),
+            &[("Accept", common::MANIFEST_ACCEPT)],
+        )
+        .unwrap();
+    let ct = body.header("content-type").unwrap().to_string();
+    let out = common::skopeo()
+        .args([
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            &b.docker_ref(&format!("{repo}@{other}")),
+            &b.docker_ref(&format!("{repo}:{tag}")),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} ({ct})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        head_digest(&b, &repo, &tag).as_deref(),
+        Some(other.as_str())
+    );
+
+    let r = run(restore_args(
+        &f.archive,
+        &b.addr,
+        &["--imagestream", &format!("{ns}/{name}")],
+    ));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let report = r.json();
+    let conflicts = report["imagestreams"][&repo]["conflicts"].to_string();
+    assert!(
+        conflicts.contains(&tag) && conflicts.contains(&other),
+        "{report}"
+    );
+    assert_eq!(
+        head_digest(&b, &repo, &tag).as_deref(),
+        Some(other.as_str()),
+        "left alone"
+    );
+
+    run_ok(
+        0,
+        restore_args(
+            &f.archive,
+            &b.addr,
+            &["--imagestream", &format!("{ns}/{name}"), "--overwrite"],
+        ),
+    );
+    assert_eq!(
+        head_digest(&b, &repo, &tag).as_deref(),
+        Some(current.as_str())
+    );
+}
+
+#[test]
+fn missing_or_corrupt_blob_names_image_and_blob_and_restores_the_rest() {
+    let f = backed_up();
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(f.archive.join("index.json")).unwrap()).unwrap();
+    // A plain image manifest: remove one layer, corrupt another image's layer.
+    let plain: Vec<&Value> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| {
+            m["mediaType"]
+                .as_str()
+                .unwrap()
+                .ends_with("manifest.v1+json")
+                || m["mediaType"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("manifest.v2+json")
+        })
+        .collect();
+    let layer_of = |m: &Value| -> String {
+        let d = m["digest"].as_str().unwrap();
+        let body = std::fs::read(f.archive.join("blobs/sha256").join(&d[7..])).unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["layers"].as_array().unwrap().last().unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let victim = plain[0];
+    let gone = layer_of(victim);
+    std::fs::remove_file(f.archive.join("blobs/sha256").join(&gone[7..])).unwrap();
+    let b = Registry::start();
+    let r = run(restore_args(&f.archive, &b.addr, &[]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let text = r.json().to_string();
+    assert!(text.contains(&gone), "names the blob: {text}");
+    assert!(
+        text.contains(victim["digest"].as_str().unwrap()),
+        "names the image"
+    );
+    let failed = r.json()["totals"]["images_failed"].as_u64().unwrap();
+    assert!(failed >= 1);
+    let restored = r.json()["totals"]["images_new"].as_u64().unwrap();
+    assert!(restored > 0, "the rest is restored");
+    // Everything else restored: count the tag events B serves.
+    let events = tag_events(&f.list);
+    let served = events
+        .iter()
+        .filter(|(ns, name, _, _, d)| {
+            head_digest(&b, &format!("{ns}/{name}"), d).as_deref() == Some(d.as_str())
+        })
+        .count();
+    assert!(
+        served as u64 >= events.len() as u64 - failed,
+        "{served} of {}",
+        events.len()
+    );
+
+    // A corrupt blob (bytes flipped) is refused by the registry's digest
+    // check and named too.
+    let other = plain.iter().find(|m| layer_of(m) != gone).unwrap();
+    let bad = layer_of(other);
+    let path = f.archive.join("blobs/sha256").join(&bad[7..]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let c = Registry::start();
+    let r = run(restore_args(&f.archive, &c.addr, &[]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.json().to_string().contains(&bad), "{}", r.stdout);
+}
