@@ -2,6 +2,7 @@
 //! runs the library, prints the report and returns the exit code.
 
 mod backup;
+mod export;
 mod inspect;
 mod restore;
 
@@ -41,8 +42,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::List(args) => inspect::list(args),
         Command::Gc(args) => inspect::gc(args),
         Command::Restore(args) => restore::run(args).await,
-        Command::Export(_) | Command::Import(_) => Err(config_error(anyhow::anyhow!(
-            "this verb is not available yet"
-        ))),
+        // Blocking work off the runtime thread, so SIGTERM is still seen.
+        Command::Export(args) => tokio::task::spawn_blocking(move || export::export(args)).await?,
+        Command::Import(args) => tokio::task::spawn_blocking(move || export::import(args)).await?,
     }
 }

@@ -1,0 +1,102 @@
+//! `export` and `import`.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::cli::{ExportArgs, ImportArgs};
+use crate::layout::{Access, Layout};
+
+/// True when a path argument means stdin/stdout.
+pub(crate) fn is_dash(p: &Path) -> bool {
+    p.as_os_str() == "-"
+}
+
+/// Writes the archive as a `.tar.zst` stream to a file or stdout.
+pub fn export(args: ExportArgs) -> anyhow::Result<i32> {
+    let layout = Layout::open(&args.archive, Access::Read).map_err(super::config_error)?;
+    let stats = if is_dash(&args.output) {
+        let stdout = io::stdout().lock();
+        let mut out = BufWriter::with_capacity(1 << 20, stdout);
+        let stats = crate::export::export(&layout, &args.namespaces, &mut out, args.level)
+            .context("exporting to stdout")?;
+        out.flush().context("writing to stdout")?;
+        stats
+    } else {
+        // Written beside the target and renamed: a failed export leaves no
+        // file that looks complete.
+        let target = &args.output;
+        let name = target
+            .file_name()
+            .ok_or_else(|| super::config_error(anyhow::anyhow!("-o {}: not a file name", target.display())))?;
+        let tmp = target.with_file_name(format!(
+            ".{}.partial.{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = File::create(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))
+            .map_err(super::config_error)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let res = crate::export::export(&layout, &args.namespaces, &mut out, args.level)
+            .map_err(anyhow::Error::from)
+            .and_then(|stats| {
+                let file = out.into_inner().map_err(|e| e.into_error())?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, target)?;
+                Ok(stats)
+            });
+        match res {
+            Ok(stats) => stats,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e.context(format!("exporting to {}", target.display())));
+            }
+        }
+    };
+    let ratio = if stats.blob_bytes > 0 {
+        stats.stream_bytes as f64 / stats.blob_bytes as f64
+    } else {
+        0.0
+    };
+    tracing::info!(
+        blobs = stats.blobs,
+        blob_bytes = stats.blob_bytes,
+        stream_bytes = stats.stream_bytes,
+        ratio = format!("{ratio:.3}"),
+        seconds = stats.seconds,
+        "export done"
+    );
+    let json = serde_json::to_string_pretty(&stats).expect("stats serialize");
+    if is_dash(&args.output) {
+        eprintln!("{json}");
+    } else {
+        println!("{json}");
+    }
+    Ok(crate::report::EXIT_OK)
+}
+
+/// Unpacks a `.tar.zst` stream from a file or stdin into an archive.
+pub fn import(args: ImportArgs) -> anyhow::Result<i32> {
+    let layout = Layout::open(&args.archive, Access::Write).map_err(super::config_error)?;
+    let stats = if is_dash(&args.input) {
+        crate::import::import(io::stdin().lock(), &layout).context("importing from stdin")?
+    } else {
+        let file = File::open(&args.input)
+            .with_context(|| format!("opening {}", args.input.display()))
+            .map_err(super::config_error)?;
+        crate::import::import(io::BufReader::with_capacity(1 << 20, file), &layout)
+            .with_context(|| format!("importing {}", args.input.display()))?
+    };
+    tracing::info!(
+        blobs_new = stats.blobs_new,
+        bytes_new = stats.bytes_new,
+        entries = stats.entries_total,
+        seconds = stats.seconds,
+        "import committed"
+    );
+    println!("{}", serde_json::to_string_pretty(&stats).expect("stats serialize"));
+    Ok(crate::report::EXIT_OK)
+}
