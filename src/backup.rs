@@ -34,6 +34,9 @@ pub struct BackupOptions {
     pub progress: bool,
     /// Namespaces whose discovery failed: nothing of theirs is pruned.
     pub failed_namespaces: Vec<String>,
+    /// Images to fetch again although their manifest is present (their
+    /// closure has a corrupt or missing blob: `--repair`).
+    pub force: HashSet<Digest>,
 }
 
 /// A manifest fetched during planning, not yet written.
@@ -162,7 +165,8 @@ pub async fn plan(
     // Distinct missing images, each with the repositories that may serve it.
     let mut candidates: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
     for r in &plan.refs {
-        if plan.known.contains_key(&r.digest) || layout.has_blob(&r.digest) {
+        let forced = opts.force.contains(&r.digest);
+        if !forced && (plan.known.contains_key(&r.digest) || layout.has_blob(&r.digest)) {
             plan.present.insert(r.digest.clone());
             continue;
         }
@@ -183,13 +187,15 @@ pub async fn plan(
     let results = transfer::bounded(candidates.into_iter().collect(), jobs, {
         let client = client.clone();
         let layout = layout.clone();
+        let force = Arc::new(opts.force.clone());
         move |(digest, repos): (Digest, Vec<String>)| {
             let client = client.clone();
             let layout = layout.clone();
+            let all = force.contains(&digest);
             async move {
                 let mut last = (String::new(), false);
                 for repo in &repos {
-                    match fetch_tree(&client, &layout, repo, &digest).await {
+                    match fetch_tree(&client, &layout, repo, &digest, all).await {
                         Ok(tree) => return (digest, repo.clone(), Ok(tree)),
                         Err(e) => last = e,
                     }
@@ -245,6 +251,7 @@ async fn fetch_tree(
     layout: &Layout,
     repo: &str,
     top: &Digest,
+    all_children: bool,
 ) -> Result<Vec<(Digest, Fetched)>, (String, bool)> {
     let mut out: Vec<(Digest, Fetched)> = Vec::new();
     // (digest, depth); a stack of pending manifests, expanded depth first.
@@ -273,7 +280,7 @@ async fn fetch_tree(
                     false,
                 ));
             }
-            if !layout.has_blob(&child.digest) {
+            if all_children || !layout.has_blob(&child.digest) {
                 pending.push((child.digest.clone(), depth + 1));
             }
         }

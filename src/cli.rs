@@ -122,6 +122,10 @@ pub struct BackupArgs {
     /// Drop from the index the history items that left their ImageStream.
     #[arg(long)]
     pub prune_history: bool,
+    /// Re-hash every archived blob first and fetch again the images whose
+    /// closure has a corrupt or missing blob (replaced atomically).
+    #[arg(long)]
+    pub repair: bool,
     /// The PVC holding --archive: grow it before downloading when the plan needs room.
     #[arg(long, value_name = "NAME")]
     pub pvc: Option<String>,

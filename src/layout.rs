@@ -9,9 +9,11 @@
 //! - `index.json` is replaced atomically and written last;
 //! - one writer at a time: an exclusive `flock` on `.lock`, naming its holder.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use sha2::Digest as _;
 
@@ -127,6 +129,9 @@ pub struct Layout {
     root: PathBuf,
     _lock: File,
     access: Access,
+    /// Blobs found corrupt (`backup --repair`): treated as absent until a
+    /// verified copy replaces them by an atomic rename.
+    suspect: Arc<Mutex<HashSet<Digest>>>,
 }
 
 impl Layout {
@@ -191,6 +196,7 @@ impl Layout {
             root: root.to_path_buf(),
             _lock: lock.try_clone().map_err(io_err("open", &lock_path))?,
             access,
+            suspect: Arc::default(),
         };
         if access == Access::Write {
             let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -220,7 +226,19 @@ impl Layout {
     /// True when the blob is present. By the closure invariant, a present
     /// manifest means a complete image.
     pub fn has_blob(&self, digest: &Digest) -> bool {
-        self.blob_path(digest).is_file()
+        self.blob_path(digest).is_file() && !self.is_suspect(digest)
+    }
+
+    /// Marks blobs as corrupt: they count as absent, and the next verified
+    /// write replaces them atomically (the corrupt file stays visible until
+    /// then, so nothing the committed index references ever disappears).
+    pub fn mark_suspect(&self, digests: impl IntoIterator<Item = Digest>) {
+        self.suspect.lock().expect("suspect lock").extend(digests);
+    }
+
+    fn is_suspect(&self, digest: &Digest) -> bool {
+        let set = self.suspect.lock().expect("suspect lock");
+        !set.is_empty() && set.contains(digest)
     }
 
     /// The size of a present blob.
@@ -276,6 +294,7 @@ impl Layout {
             expected_size,
             hasher: sha2::Sha256::new(),
             written: 0,
+            suspect: self.suspect.clone(),
         })
     }
 
@@ -412,6 +431,7 @@ pub struct BlobWriter {
     expected_size: Option<u64>,
     hasher: sha2::Sha256,
     written: u64,
+    suspect: Arc<Mutex<HashSet<Digest>>>,
 }
 
 impl BlobWriter {
@@ -460,7 +480,12 @@ impl BlobWriter {
         file.sync_all().map_err(io_err("fsync", &self.tmp))?;
         drop(file);
         fs::rename(&self.tmp, &self.target).map_err(io_err("rename", &self.target))?;
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        self.suspect
+            .lock()
+            .expect("suspect lock")
+            .remove(&self.expected);
+        Ok(())
     }
 }
 

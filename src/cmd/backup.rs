@@ -50,7 +50,13 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
     };
     let layout = Arc::new(layout);
 
+    let force = if args.repair && !args.dry_run {
+        repair_set(&layout)?
+    } else {
+        Default::default()
+    };
     let opts = BackupOptions {
+        force,
         skip_external: args.skip_external,
         prune_history: args.prune_history,
         jobs: args.registry.jobs as usize,
@@ -174,4 +180,33 @@ async fn ensure_room(args: &BackupArgs, pvc: &str, to_fetch: u64) -> anyhow::Res
         other => tracing::info!(pvc, ?other, "PVC has room"),
     }
     Ok(())
+}
+
+/// `--repair`: re-hashes every blob, marks the corrupt ones as absent (a
+/// verified copy will replace each atomically), and returns the images
+/// whose closure is not intact, to be fetched again.
+fn repair_set(layout: &Layout) -> anyhow::Result<std::collections::HashSet<crate::digest::Digest>> {
+    let (corrupt, checked, bytes) =
+        crate::verify::corrupt_blobs(layout).context("re-hashing the archive for --repair")?;
+    for (d, reason) in &corrupt {
+        tracing::warn!(digest = %d, "corrupt blob: {reason}; fetching it again");
+    }
+    layout.mark_suspect(corrupt.iter().map(|(d, _)| d.clone()));
+    let index = layout.read_index().map_err(super::config_error)?;
+    let mut force = std::collections::HashSet::new();
+    for e in &index.entries {
+        let mut seen = std::collections::HashSet::new();
+        let (_, errors) = crate::closure::walk_all(layout, &e.digest, &mut seen);
+        if !errors.is_empty() {
+            force.insert(e.digest.clone());
+        }
+    }
+    tracing::info!(
+        blobs = checked,
+        bytes,
+        corrupt = corrupt.len(),
+        images = force.len(),
+        "repair check done"
+    );
+    Ok(force)
 }
