@@ -289,3 +289,132 @@ pub fn matches_selector(
             }
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const REAL: &str = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"image.openshift.io/v1","kind":"ImageStream",
+      "metadata":{"name":"app","namespace":"ns","labels":{"team":"a"},"uid":"u","resourceVersion":"1"},
+      "spec":{"lookupPolicy":{"local":false},"tags":[{"name":"ext","from":{"kind":"DockerImage","name":"quay.io/x/y:1"},"importPolicy":{"importMode":"Legacy"},"referencePolicy":{"type":"Source"}}]},
+      "status":{"dockerImageRepository":"image-registry.openshift-image-registry.svc:5000/ns/app",
+        "tags":[{"tag":"latest","items":[
+          {"created":"2024-01-02T00:00:00Z","dockerImageReference":"image-registry.openshift-image-registry.svc:5000/ns/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","image":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","generation":2},
+          {"created":"2024-01-01T00:00:00Z","dockerImageReference":"quay.io/x/y@sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","image":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","generation":1}]},
+          {"tag":"empty","items":null,"conditions":[{"type":"ImportSuccess","status":"False"}]}]}},
+      {"apiVersion":"image.openshift.io/v1","kind":"ImageStream","metadata":{"name":"bare","namespace":"ns"}}]}"#;
+
+    #[test]
+    fn parses_a_real_list_and_keeps_unknown_fields() {
+        let list = parse_list(REAL.as_bytes(), "test").unwrap();
+        assert_eq!(list.len(), 2);
+        let (refs, bad) = images_of(&list[0]);
+        assert!(bad.is_empty());
+        assert_eq!(refs.len(), 2);
+        assert_eq!(refs[1].position, 1);
+        assert!(is_on_registry(
+            &refs[0].docker_image_reference,
+            "x:5000",
+            &list[0].status.docker_image_repository
+        ));
+        assert!(!is_on_registry(
+            &refs[1].docker_image_reference,
+            "x:5000",
+            &list[0].status.docker_image_repository
+        ));
+        let back = serde_json::to_value(&list[0]).unwrap();
+        assert_eq!(back["metadata"]["uid"], "u");
+        assert_eq!(back["spec"]["tags"][0]["from"]["kind"], "DockerImage");
+        assert_eq!(
+            back["status"]["tags"][1]["conditions"][0]["type"],
+            "ImportSuccess"
+        );
+        assert!(images_of(&list[1]).0.is_empty());
+    }
+
+    #[test]
+    fn wrong_shapes_are_named_errors() {
+        for bad in [
+            r#"{"kind":"Pod"}"#,
+            r#"{"kind":"List","items":{}}"#,
+            r#"{"kind":"List","items":[{"kind":"ImageStream","metadata":{"name":"x","namespace":"y"},"status":{"tags":[{"tag":1}]}}]}"#,
+            r#"{"kind":"List","items":[{"kind":"ImageStream","metadata":{"name":"","namespace":"y"}}]}"#,
+            "not json",
+        ] {
+            let e = parse_list(bad.as_bytes(), "file.json").unwrap_err();
+            assert!(e.to_string().contains("file.json"), "{e}");
+        }
+        let traversal = REAL.replace(
+            "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\",\"generation\":2",
+            "sha256:../../../etc/passwd\",\"generation\":2",
+        );
+        let list = parse_list(traversal.as_bytes(), "t").unwrap();
+        let (refs, bad) = images_of(&list[0]);
+        assert_eq!(refs.len(), 1);
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].reason.contains("../"));
+    }
+
+    #[test]
+    fn selectors() {
+        let labels: std::collections::BTreeMap<String, String> =
+            [("app".to_string(), "web".to_string())].into();
+        assert!(matches_selector(&labels, "app=web"));
+        assert!(matches_selector(&labels, "app==web,!tier"));
+        assert!(!matches_selector(&labels, "app!=web"));
+        assert!(!matches_selector(&labels, "tier"));
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+            "sha256:[0-9a-f./]{0,70}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("kind".to_string()),
+                        Just("items".to_string()),
+                        Just("metadata".to_string()),
+                        Just("status".to_string()),
+                        Just("tags".to_string()),
+                        Just("image".to_string()),
+                        Just("name".to_string()),
+                        Just("namespace".to_string()),
+                        "[a-z]{1,8}",
+                    ],
+                    inner,
+                    0..5
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_json_never_panics_nor_escapes(v in arb_json(), kind in prop_oneof![Just("List"), Just("ImageStream")]) {
+            let mut v = v;
+            if let Value::Object(m) = &mut v { m.insert("kind".into(), kind.into()); }
+            let bytes = serde_json::to_vec(&v).unwrap();
+            if let Ok(list) = parse_list(&bytes, "prop") {
+                for is in &list {
+                    for r in images_of(is).0 {
+                        prop_assert_eq!(r.digest.blob_path().components().count(), 3);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_list(&data, "prop");
+        }
+    }
+}
