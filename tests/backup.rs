@@ -405,3 +405,32 @@ fn tls_and_basic_auth_registry() {
     );
     assert!(!r.stderr.contains("wrong-password-123") && !r.stdout.contains("wrong-password-123"));
 }
+
+#[test]
+fn external_images_come_through_the_registry_or_are_skipped_on_request() {
+    let reg = Registry::start();
+    let seeded = seed(&reg, &["--preset", "small", "--external-every", "2"]);
+    assert!(seeded.raw["external_items"].as_u64().unwrap() > 0);
+    let work = tempfile::tempdir().unwrap();
+    // By default external history items are pulled through the registry.
+    let all = work.path().join("all");
+    run_ok(0, backup_args(&reg, &all, &seeded.imagestreams));
+    assert_eq!(archived_events(&all).len() as u64, seeded.items);
+    // --skip-external leaves them out and says so.
+    let internal = work.path().join("internal");
+    let mut args = backup_args(&reg, &internal, &seeded.imagestreams);
+    args.push("--skip-external".into());
+    let report = run_ok(0, &args).json();
+    let skipped: u64 = report["imagestreams"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|s| s["images_external_skipped"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(skipped, seeded.raw["external_items"].as_u64().unwrap());
+    assert_eq!(
+        archived_events(&internal).len() as u64,
+        seeded.items - skipped
+    );
+    run_ok(0, ["verify", "--archive", internal.to_str().unwrap()]);
+}

@@ -407,3 +407,23 @@ fn missing_or_corrupt_blob_names_image_and_blob_and_restores_the_rest() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.json().to_string().contains(&bad), "{}", r.stdout);
 }
+
+#[test]
+fn dry_run_reports_what_would_be_pushed_and_pushes_nothing() {
+    let f = backed_up();
+    let b = Registry::start();
+    let proxy = Proxy::start(&b.addr);
+    let report = run_ok(0, restore_args(&f.archive, &proxy.addr, &["--dry-run"])).json();
+    assert!(writes(&proxy).is_empty(), "a dry run writes nothing");
+    assert_eq!(report["dry_run"], true);
+    let events = tag_events(&f.list).len() as u64;
+    assert_eq!(
+        report["totals"]["images_new"].as_u64().unwrap(),
+        events,
+        "{report}"
+    );
+    assert!(report["totals"]["bytes_new"].as_u64().unwrap() > 0);
+    for (ns, name, tag, _, _) in tag_events(&f.list) {
+        assert_eq!(head_digest(&b, &format!("{ns}/{name}"), &tag), None);
+    }
+}
