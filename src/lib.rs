@@ -10,6 +10,7 @@
 //! - [`transfer`]: the copy machinery shared by backup and restore;
 //! - [`capacity`]: free space, the plan's needs, and PVC expansion.
 
+pub mod apply;
 pub mod backup;
 pub mod capacity;
 pub mod cli;

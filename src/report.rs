@@ -151,6 +151,9 @@ pub struct Report {
     /// History items dropped by `--prune-history`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pruned: Vec<Failure>,
+    /// ImageStream specs applied by `restore --apply-imagestreams`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<crate::apply::Applied>,
     /// Requests sent to the registry.
     pub requests: RequestCounts,
 }

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+use crate::apply::{self, ApplyOptions};
 use crate::cli::RestoreArgs;
 use crate::layout::{Access, Layout};
 use crate::registry::{RegistryClient, RegistrySettings};
@@ -39,6 +40,17 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<i32> {
         )));
     };
     let layout = Arc::new(Layout::open(archive, Access::Read).map_err(super::config_error)?);
+    // `--apply-imagestreams`: the archived objects and Kubernetes access are
+    // checked before anything is pushed.
+    let apply_to = match args.apply_imagestreams {
+        true => Some((
+            apply::archived_streams(&layout).map_err(super::config_error)?,
+            crate::discovery::client_from_env()
+                .await
+                .map_err(super::config_error)?,
+        )),
+        false => None,
+    };
     let mut report = Report {
         command: "restore".into(),
         archive: archive.display().to_string(),
@@ -49,6 +61,22 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<i32> {
     restore::restore(layout, &client, &opts, &mut report)
         .await
         .with_context(|| format!("restoring from {}", archive.display()))?;
+    if let Some((streams, kube)) = &apply_to {
+        let aopts = ApplyOptions {
+            namespaces: opts.namespaces.clone(),
+            imagestreams: opts.imagestreams.clone(),
+            map_namespaces: opts.map_namespaces.clone(),
+            dry_run: args.dry_run,
+            ..Default::default()
+        };
+        report.applied = apply::apply(kube, streams, &aopts).await;
+        report.problems.extend(
+            report
+                .applied
+                .iter()
+                .filter_map(|a| a.message.clone().filter(|_| a.failed())),
+        );
+    }
     report.requests = RequestCounts::from_stats(&client.stats);
     report.seconds = started.elapsed().as_secs_f64();
     report

@@ -16,7 +16,15 @@
 //!   API server's own refusals (shrinking: 422; StorageClass without
 //!   `allowVolumeExpansion`: 403) and forced 403 / 422, and a hook run after
 //!   each accepted PATCH (to grow a tmpfs, as the kubelet would);
-//! - `GET /apis/storage.k8s.io/v1/storageclasses/{name}`.
+//! - `GET /apis/storage.k8s.io/v1/storageclasses/{name}`;
+//! - `GET`, `POST` (create) and `PATCH` (`application/merge-patch+json`
+//!   only) of `/apis/image.openshift.io/v1/namespaces/{ns}/imagestreams[/{name}]`,
+//!   as `restore --apply-imagestreams` uses them: 409 on an existing name,
+//!   `status` ignored on writes (the API server owns it), spec tag
+//!   generations assigned, and a forced 403 per namespace.
+//!
+//! A server-side page size cap ([`FakeKubeBuilder::max_page_size`]) makes
+//! lists page with `continue` whatever `limit` the client asks for.
 //!
 //! Every request is recorded (method, path, query, content type, body,
 //! whether a bearer token came) for assertions.
@@ -100,6 +108,10 @@ struct State {
     /// Forced status for PVC PATCH (403, 422, ...).
     pvc_patch_status: Option<u16>,
     patch_hook: Option<PatchHook>,
+    /// Namespaces where ImageStream create/patch answers 403.
+    stream_writes_forbidden: HashSet<String>,
+    /// At most this many items per list page, whatever `limit` says.
+    max_page: Option<usize>,
     requests: Vec<Recorded>,
     resource_version: u64,
 }
@@ -184,6 +196,18 @@ impl FakeKubeBuilder {
         hook: impl Fn(&PatchEvent, &FakeKube) + Send + Sync + 'static,
     ) -> Self {
         self.state.patch_hook = Some(Arc::new(hook));
+        self
+    }
+    /// List pages hold at most `n` items whatever `limit` the client asks
+    /// for (an API server may return fewer items than `limit`, with a
+    /// continue token).
+    pub fn max_page_size(mut self, n: usize) -> Self {
+        self.state.max_page = Some(n.max(1));
+        self
+    }
+    /// Creating or patching ImageStreams in `ns` answers 403 Forbidden.
+    pub fn forbid_imagestream_writes(mut self, ns: &str) -> Self {
+        self.state.stream_writes_forbidden.insert(ns.to_string());
         self
     }
     /// Starts serving on 127.0.0.1, on a free port.
@@ -315,6 +339,28 @@ impl FakeKube {
             .cloned()
     }
 
+    /// The stored ImageStream `ns/name`, as the fake serves it.
+    pub fn imagestream(&self, ns: &str, name: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap();
+        st.streams
+            .iter()
+            .find(|is| is["metadata"]["namespace"] == ns && is["metadata"]["name"] == name)
+            .cloned()
+    }
+
+    /// The POST and PATCH requests to ImageStreams.
+    pub fn imagestream_writes(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| {
+                (r.method == "POST" || r.method == "PATCH")
+                    && r.path
+                        .starts_with("/apis/image.openshift.io/v1/namespaces/")
+                    && r.path.contains("/imagestreams")
+            })
+            .collect()
+    }
+
     /// Replaces the `status` of a stored PVC (as the resize controller and
     /// the kubelet would).
     pub fn set_pvc_status(&self, ns: &str, name: &str, status: Value) {
@@ -374,6 +420,17 @@ impl FakeKube {
             ("PATCH", ["api", "v1", "namespaces", ns, "persistentvolumeclaims", name]) => {
                 self.patch_pvc(ns, name, &rec)
             }
+            (
+                "GET",
+                ["apis", "image.openshift.io", "v1", "namespaces", ns, "imagestreams", name],
+            ) => self.get_stream(ns, name),
+            ("POST", ["apis", "image.openshift.io", "v1", "namespaces", ns, "imagestreams"]) => {
+                self.create_stream(ns, &rec)
+            }
+            (
+                "PATCH",
+                ["apis", "image.openshift.io", "v1", "namespaces", ns, "imagestreams", name],
+            ) => self.patch_stream(ns, name, &rec),
             ("GET", ["apis", "storage.k8s.io", "v1", "storageclasses", name]) => {
                 let st = self.state.lock().unwrap();
                 match st.storage_classes.get(*name) {
@@ -495,7 +552,8 @@ impl FakeKube {
             .get("limit")
             .and_then(|l| l.parse().ok())
             .filter(|l| *l > 0)
-            .unwrap_or(usize::MAX);
+            .unwrap_or(usize::MAX)
+            .min(st.max_page.unwrap_or(usize::MAX));
         let end = offset.saturating_add(limit).min(items.len());
         let rest = items.len() - end;
         let mut page: Vec<Value> = items[offset.min(end)..end].to_vec();
@@ -521,6 +579,147 @@ impl FakeKube {
                 "items": page,
             }),
         )
+    }
+
+    fn get_stream(&self, ns: &str, name: &str) -> Response<Full<Bytes>> {
+        if self.state.lock().unwrap().forbidden_ns.contains(ns) {
+            return stream_forbidden(ns, "get");
+        }
+        match self.imagestream(ns, name) {
+            Some(is) => json_response(200, &is),
+            None => not_found("imagestreams", "image.openshift.io", name),
+        }
+    }
+
+    fn create_stream(&self, ns: &str, rec: &Recorded) -> Response<Full<Bytes>> {
+        let mut st = self.state.lock().unwrap();
+        if st.stream_writes_forbidden.contains(ns) || st.forbidden_ns.contains(ns) {
+            return stream_forbidden(ns, "create");
+        }
+        if rec.content_type.as_deref() != Some("application/json") {
+            return status(
+                415,
+                "UnsupportedMediaType",
+                "expected application/json",
+                None,
+            );
+        }
+        let Ok(mut obj) = serde_json::from_str::<Value>(&rec.body) else {
+            return status(400, "BadRequest", "error decoding body: invalid JSON", None);
+        };
+        if obj["kind"] != "ImageStream" || obj["apiVersion"] != "image.openshift.io/v1" {
+            return status(
+                400,
+                "BadRequest",
+                &format!(
+                    "ImageStream in version \"v1\" cannot be handled as a {}",
+                    obj["kind"]
+                ),
+                None,
+            );
+        }
+        if obj["metadata"]["namespace"]
+            .as_str()
+            .is_some_and(|n| n != ns)
+        {
+            return status(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+                None,
+            );
+        }
+        let Some(name) = obj["metadata"]["name"].as_str().map(str::to_string) else {
+            return status(
+                422,
+                "Invalid",
+                "ImageStream.image.openshift.io \"\" is invalid: metadata.name: Required value: name or generateName is required",
+                None,
+            );
+        };
+        let exists = st
+            .streams
+            .iter()
+            .any(|is| is["metadata"]["namespace"] == ns && is["metadata"]["name"] == name.as_str());
+        if exists {
+            return status(
+                409,
+                "AlreadyExists",
+                &format!("imagestreams.image.openshift.io \"{name}\" already exists"),
+                Some(json!({"name": name, "group": "image.openshift.io", "kind": "imagestreams"})),
+            );
+        }
+        st.resource_version += 1;
+        let meta = &mut obj["metadata"];
+        meta["namespace"] = json!(ns);
+        meta["uid"] = json!(uid(&format!("is/{ns}/{name}")));
+        meta["resourceVersion"] = json!(st.resource_version.to_string());
+        meta["generation"] = json!(1);
+        meta["creationTimestamp"] = json!("2024-04-02T07:00:00Z");
+        set_tag_generations(&mut obj, 1);
+        // The API server owns status: whatever came is replaced.
+        obj["status"] =
+            json!({"dockerImageRepository": format!("{INTERNAL_REGISTRY}/{ns}/{name}")});
+        st.streams.push(obj.clone());
+        json_response(201, &obj)
+    }
+
+    fn patch_stream(&self, ns: &str, name: &str, rec: &Recorded) -> Response<Full<Bytes>> {
+        let mut st = self.state.lock().unwrap();
+        if st.stream_writes_forbidden.contains(ns) || st.forbidden_ns.contains(ns) {
+            return stream_forbidden(ns, "patch");
+        }
+        if rec.content_type.as_deref() != Some("application/merge-patch+json") {
+            return status(
+                415,
+                "UnsupportedMediaType",
+                &format!(
+                    "the body of the request was in an unknown format (got {:?})",
+                    rec.content_type
+                ),
+                None,
+            );
+        }
+        let Ok(mut patch) = serde_json::from_str::<Value>(&rec.body) else {
+            return status(
+                400,
+                "BadRequest",
+                "error decoding patch: invalid JSON",
+                None,
+            );
+        };
+        let Some(current) = st
+            .streams
+            .iter_mut()
+            .find(|is| is["metadata"]["namespace"] == ns && is["metadata"]["name"] == name)
+        else {
+            return not_found("imagestreams", "image.openshift.io", name);
+        };
+        // Status and identity are not changed through the main resource.
+        if let Some(p) = patch.as_object_mut() {
+            p.remove("status");
+            if let Some(m) = p.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("name");
+                m.remove("namespace");
+            }
+        }
+        let mut updated = current.clone();
+        merge_patch(&mut updated, &patch);
+        if updated["spec"] != current["spec"] {
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+            updated["metadata"]["generation"] = json!(generation);
+            set_tag_generations(&mut updated, generation);
+        }
+        *current = updated;
+        st.resource_version += 1;
+        let rv = st.resource_version.to_string();
+        let current = st
+            .streams
+            .iter_mut()
+            .find(|is| is["metadata"]["namespace"] == ns && is["metadata"]["name"] == name)
+            .unwrap();
+        current["metadata"]["resourceVersion"] = json!(rv);
+        json_response(200, current)
     }
 
     fn get_pvc(&self, ns: &str, name: &str) -> Response<Full<Bytes>> {
@@ -658,6 +857,30 @@ fn forced_pvc_status(code: u16, ns: &str, name: &str, verb: &str) -> Response<Fu
         ),
         code => status(code, "InternalError", "forced error", None),
     }
+}
+
+/// Spec tags without a generation get `generation` (the server assigns it).
+fn set_tag_generations(is: &mut Value, generation: i64) {
+    if let Some(tags) = is["spec"]["tags"].as_array_mut() {
+        for t in tags {
+            if t.get("generation").is_none_or(Value::is_null) {
+                t["generation"] = json!(generation);
+            }
+        }
+    }
+}
+
+/// 403 for an ImageStream verb in `ns`.
+fn stream_forbidden(ns: &str, verb: &str) -> Response<Full<Bytes>> {
+    status(
+        403,
+        "Forbidden",
+        &format!(
+            "imagestreams.image.openshift.io is forbidden: User \"system:serviceaccount:restore:archiver\" \
+             cannot {verb} resource \"imagestreams\" in API group \"image.openshift.io\" in the namespace \"{ns}\""
+        ),
+        Some(json!({"group": "image.openshift.io", "kind": "imagestreams"})),
+    )
 }
 
 /// A `Status` response, as the API server sends for errors.

@@ -1,0 +1,614 @@
+//! Re-applying archived ImageStream specs through the Kubernetes API
+//! (`restore --apply-imagestreams`).
+//!
+//! A push recreates images, tags and their history, but not what only the
+//! ImageStream's `spec` says: tags that track external images
+//! (`spec.tags[].from.kind: DockerImage`), tags that follow other tags
+//! (`ImageStreamTag`), import and reference policies, and the lookup policy.
+//! After the push, [`apply`] puts the archived `spec` back:
+//!
+//! - the stream does not exist: `POST` a new ImageStream with the archived
+//!   name, labels, annotations (minus `kubectl.kubernetes.io/last-applied-configuration`)
+//!   and spec, in the (mapped) namespace;
+//! - it exists: a JSON merge patch (`application/merge-patch+json`) of
+//!   `{"spec": ...}`, skipped when it would change nothing.
+//!
+//! `status` is never sent: the API server owns it, and the push has already
+//! recreated the tag histories. `spec.tags[].generation` is left out too: the
+//! server assigns generations. With `--map-namespace`, the object's namespace
+//! and the `from.namespace` of `ImageStreamTag`/`ImageStreamImage` references
+//! into a mapped namespace are rewritten, as are `DockerImage` references to
+//! the stream's own internal registry under a mapped namespace.
+//!
+//! Failures are per stream: one refused stream does not stop the others.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use http::StatusCode;
+use kube::api::{GetParams, Patch, PatchParams, PostParams};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::digest::Digest;
+use crate::discovery::{send_with_retry, status_message, CallError, RetryPolicy, IMAGE_API};
+use crate::imagestream::{self, ImageStream, ImageStreamError};
+use crate::layout::{Layout, LayoutError};
+
+/// The annotation `kubectl apply` keeps; it describes the source cluster's
+/// last apply and is not carried over.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// What to apply and how.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Only streams of these archived namespaces (all when empty).
+    pub namespaces: Vec<String>,
+    /// Only these archived streams, `ns/name` (all when empty).
+    pub imagestreams: Vec<String>,
+    /// Archived namespace -> target namespace.
+    pub map_namespaces: BTreeMap<String, String>,
+    /// Read only: report what would be created or patched.
+    pub dry_run: bool,
+    /// Retries and per-request timeout of the API calls.
+    pub retry: RetryPolicy,
+}
+
+/// What happened to one ImageStream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// The stream did not exist and was created.
+    Created,
+    /// The stream existed and its spec was patched.
+    Patched,
+    /// The stream existed with the archived spec already.
+    Unchanged,
+    /// Dry run: the stream does not exist and would be created.
+    WouldCreate,
+    /// Dry run: the stream exists and its spec would be patched.
+    WouldPatch,
+    /// The API server refused or could not be reached.
+    Failed,
+}
+
+/// The outcome for one ImageStream, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    /// The target stream, `namespace/name`.
+    pub imagestream: String,
+    /// The archived stream, `namespace/name`, when its namespace was mapped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// What was done.
+    pub action: Action,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Applied {
+    /// True when this stream could not be applied.
+    pub fn failed(&self) -> bool {
+        self.action == Action::Failed
+    }
+}
+
+/// Errors reading the archived ImageStream objects.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// `index.json` could not be read.
+    #[error("reading the archive's index.json")]
+    Index(#[source] LayoutError),
+    /// The ImageStream list blob could not be read.
+    #[error("reading the archived ImageStream list {digest} ({path})")]
+    ReadList {
+        /// The list's digest, from `index.json`.
+        digest: Digest,
+        /// Its blob file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The ImageStream list blob does not match its digest.
+    #[error("the archived ImageStream list {digest} is corrupt: its content hashes to {actual}")]
+    ListCorrupt {
+        /// The digest `index.json` names.
+        digest: Digest,
+        /// The digest of the content found.
+        actual: Digest,
+    },
+    /// The ImageStream list is not a list of ImageStreams.
+    #[error("parsing the archived ImageStream list")]
+    Parse(#[source] ImageStreamError),
+}
+
+/// Reads the ImageStream objects the committed `index.json` references
+/// (the List blob named by its `io.imagestream-archiver.imagestreams`
+/// annotation), checking the blob's digest. An archive without that list
+/// has no streams.
+pub fn archived_streams(layout: &Layout) -> Result<Vec<ImageStream>, ApplyError> {
+    let index = layout.read_index().map_err(ApplyError::Index)?;
+    let Some(digest) = index.imagestreams else {
+        return Ok(Vec::new());
+    };
+    let path = layout.blob_path(&digest);
+    let bytes = std::fs::read(&path).map_err(|source| ApplyError::ReadList {
+        digest: digest.clone(),
+        path: path.clone(),
+        source,
+    })?;
+    let actual = Digest::of(&bytes);
+    if actual != digest {
+        return Err(ApplyError::ListCorrupt { digest, actual });
+    }
+    imagestream::parse_list(&bytes, &format!("archived ImageStream list {digest}"))
+        .map_err(ApplyError::Parse)
+}
+
+/// One ImageStream to apply: where it came from and the object to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// The archived stream, `namespace/name`.
+    pub source: String,
+    /// The target namespace.
+    pub namespace: String,
+    /// The stream name.
+    pub name: String,
+    /// The object for a `POST` (its `spec` is also the merge patch's).
+    pub object: Value,
+}
+
+impl Desired {
+    /// The target stream, `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The `spec` to apply.
+    pub fn spec(&self) -> &Value {
+        &self.object["spec"]
+    }
+}
+
+/// Selects the archived streams `opts` asks for and builds the objects to
+/// apply, namespaces mapped, sorted by target namespace and name.
+pub fn desired_objects(streams: &[ImageStream], opts: &ApplyOptions) -> Vec<Desired> {
+    let mut out: Vec<Desired> = streams
+        .iter()
+        .filter(|is| opts.namespaces.is_empty() || opts.namespaces.contains(&is.metadata.namespace))
+        .filter(|is| opts.imagestreams.is_empty() || opts.imagestreams.contains(&is.key()))
+        .map(|is| desired_object(is, &opts.map_namespaces))
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// Builds the object to apply for one archived stream: name, mapped
+/// namespace, labels, annotations (without [`LAST_APPLIED`]) and the spec
+/// (see [`desired_spec`]); never `status`.
+pub fn desired_object(is: &ImageStream, map: &BTreeMap<String, String>) -> Desired {
+    let source_ns = &is.metadata.namespace;
+    let namespace = map
+        .get(source_ns)
+        .cloned()
+        .unwrap_or_else(|| source_ns.clone());
+    let mut metadata = Map::new();
+    metadata.insert("name".into(), json!(is.metadata.name));
+    metadata.insert("namespace".into(), json!(namespace));
+    if !is.metadata.labels.is_empty() {
+        metadata.insert("labels".into(), json!(is.metadata.labels));
+    }
+    if let Some(Value::Object(annotations)) = is.metadata.rest.get("annotations") {
+        let kept: Map<String, Value> = annotations
+            .iter()
+            .filter(|(k, v)| k.as_str() != LAST_APPLIED && !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !kept.is_empty() {
+            metadata.insert("annotations".into(), Value::Object(kept));
+        }
+    }
+    let registry_host = is
+        .status
+        .docker_image_repository
+        .split('/')
+        .next()
+        .filter(|h| !h.is_empty());
+    let object = json!({
+        "apiVersion": "image.openshift.io/v1",
+        "kind": "ImageStream",
+        "metadata": metadata,
+        "spec": desired_spec(&is.spec, map, registry_host),
+    });
+    Desired {
+        source: is.key(),
+        namespace,
+        name: is.metadata.name.clone(),
+        object,
+    }
+}
+
+/// The archived `spec`, ready to apply: null members dropped, the
+/// server-assigned `tags[].generation` dropped, and namespaces mapped in
+/// `tags[].from`: the `namespace` of `ImageStreamTag`/`ImageStreamImage`
+/// references, and the namespace part of `DockerImage` references to
+/// `registry_host` (the stream's internal registry).
+pub fn desired_spec(
+    spec: &Value,
+    map: &BTreeMap<String, String>,
+    registry_host: Option<&str>,
+) -> Value {
+    let mut spec = drop_nulls(spec.clone());
+    if !spec.is_object() {
+        spec = json!({});
+    }
+    if let Some(Value::Array(tags)) = spec.get_mut("tags") {
+        for tag in tags.iter_mut() {
+            let Some(tag) = tag.as_object_mut() else {
+                continue;
+            };
+            tag.remove("generation");
+            let Some(Value::Object(from)) = tag.get_mut("from") else {
+                continue;
+            };
+            let kind = from.get("kind").and_then(Value::as_str).unwrap_or_default();
+            match kind {
+                "ImageStreamTag" | "ImageStreamImage" => {
+                    let mapped = from
+                        .get("namespace")
+                        .and_then(Value::as_str)
+                        .and_then(|ns| map.get(ns));
+                    if let Some(new) = mapped {
+                        from.insert("namespace".into(), json!(new));
+                    }
+                }
+                "DockerImage" => {
+                    let name = from.get("name").and_then(Value::as_str).unwrap_or_default();
+                    if let Some(new) = map_internal_reference(name, map, registry_host) {
+                        from.insert("name".into(), json!(new));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    spec
+}
+
+/// `HOST/OLD/rest` -> `HOST/NEW/rest` when HOST is the internal registry and
+/// OLD is mapped.
+fn map_internal_reference(
+    name: &str,
+    map: &BTreeMap<String, String>,
+    registry_host: Option<&str>,
+) -> Option<String> {
+    let host = registry_host?;
+    let rest = name.strip_prefix(host)?.strip_prefix('/')?;
+    let (ns, tail) = rest.split_once('/')?;
+    let new = map.get(ns)?;
+    Some(format!("{host}/{new}/{tail}"))
+}
+
+/// Removes object members whose value is null, recursively.
+fn drop_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, drop_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(drop_nulls).collect()),
+        other => other,
+    }
+}
+
+/// RFC 7386 JSON merge patch of `patch` onto `target`.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            if let Value::Object(t) = target {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// A spec without the server-assigned `tags[].generation`, for comparing.
+fn comparable(spec: &Value) -> Value {
+    let mut spec = drop_nulls(spec.clone());
+    if let Some(Value::Array(tags)) = spec.get_mut("tags") {
+        for tag in tags.iter_mut().filter_map(Value::as_object_mut) {
+            tag.remove("generation");
+        }
+    }
+    spec
+}
+
+/// True when merging `desired` into `current` would change it (the
+/// server-assigned tag generations aside).
+pub fn spec_would_change(current: &Value, desired: &Value) -> bool {
+    let before = comparable(current);
+    let mut after = before.clone();
+    merge_patch(&mut after, desired);
+    comparable(&after) != before
+}
+
+/// Applies the selected archived streams through the API server (see the
+/// module documentation). Never fails as a whole: each stream gets an
+/// [`Applied`], failures included.
+pub async fn apply(
+    client: &kube::Client,
+    streams: &[ImageStream],
+    opts: &ApplyOptions,
+) -> Vec<Applied> {
+    let mut out = Vec::new();
+    for desired in desired_objects(streams, opts) {
+        let from = (desired.source != desired.key()).then(|| desired.source.clone());
+        let (action, message) = match apply_one(client, &desired, opts).await {
+            Ok(action) => (action, None),
+            Err(message) => (Action::Failed, Some(message)),
+        };
+        match action {
+            Action::Failed => tracing::warn!(
+                imagestream = %desired.key(),
+                "cannot apply the archived ImageStream spec: {}",
+                message.as_deref().unwrap_or_default()
+            ),
+            _ => tracing::info!(imagestream = %desired.key(), ?action, "ImageStream spec"),
+        }
+        out.push(Applied {
+            imagestream: desired.key(),
+            from,
+            action,
+            message,
+        });
+    }
+    out
+}
+
+/// GET, then POST or PATCH one stream; the error is the report's message.
+async fn apply_one(
+    client: &kube::Client,
+    desired: &Desired,
+    opts: &ApplyOptions,
+) -> Result<Action, String> {
+    let collection = format!("{IMAGE_API}/namespaces/{}/imagestreams", desired.namespace);
+    let key = desired.key();
+    let get = || {
+        kube::core::Request::new(collection.as_str())
+            .get(&desired.name, &GetParams::default())
+            .map_err(|e| e.to_string())
+    };
+    let resp = send_with_retry(client, get, &opts.retry)
+        .await
+        .map_err(|e| call_message("reading", &key, e))?;
+    let current = match resp.status {
+        StatusCode::OK => Some(
+            serde_json::from_slice::<Value>(&resp.body)
+                .map_err(|e| format!("reading ImageStream {key}: the answer is not JSON: {e}"))?,
+        ),
+        StatusCode::NOT_FOUND => None,
+        code => return Err(status_text("reading", &key, code, &resp.body)),
+    };
+    match current {
+        None if opts.dry_run => Ok(Action::WouldCreate),
+        None => match create(client, &collection, desired, opts).await? {
+            Some(action) => Ok(action),
+            // Created by someone else in between (409): patch it instead.
+            None => patch(client, &collection, desired, opts).await,
+        },
+        Some(current) => {
+            let spec = current.get("spec").cloned().unwrap_or(Value::Null);
+            if !spec_would_change(&spec, desired.spec()) {
+                Ok(Action::Unchanged)
+            } else if opts.dry_run {
+                Ok(Action::WouldPatch)
+            } else {
+                patch(client, &collection, desired, opts).await
+            }
+        }
+    }
+}
+
+/// POSTs the new stream; `Ok(None)` when it already exists (409).
+async fn create(
+    client: &kube::Client,
+    collection: &str,
+    desired: &Desired,
+    opts: &ApplyOptions,
+) -> Result<Option<Action>, String> {
+    let key = desired.key();
+    let body = serde_json::to_vec(&desired.object)
+        .map_err(|e| format!("creating ImageStream {key}: cannot encode it: {e}"))?;
+    let post = || {
+        kube::core::Request::new(collection)
+            .create(&PostParams::default(), body.clone())
+            .map_err(|e| e.to_string())
+    };
+    let resp = send_with_retry(client, post, &opts.retry)
+        .await
+        .map_err(|e| call_message("creating", &key, e))?;
+    match resp.status {
+        StatusCode::OK | StatusCode::CREATED | StatusCode::ACCEPTED => Ok(Some(Action::Created)),
+        StatusCode::CONFLICT => Ok(None),
+        code => Err(status_text("creating", &key, code, &resp.body)),
+    }
+}
+
+/// Merge-patches `{"spec": ...}` onto the existing stream.
+async fn patch(
+    client: &kube::Client,
+    collection: &str,
+    desired: &Desired,
+    opts: &ApplyOptions,
+) -> Result<Action, String> {
+    let key = desired.key();
+    let body = Patch::Merge(json!({ "spec": desired.spec() }));
+    let req = || {
+        kube::core::Request::new(collection)
+            .patch(&desired.name, &PatchParams::default(), &body)
+            .map_err(|e| e.to_string())
+    };
+    let resp = send_with_retry(client, req, &opts.retry)
+        .await
+        .map_err(|e| call_message("patching", &key, e))?;
+    match resp.status {
+        StatusCode::OK => Ok(Action::Patched),
+        code => Err(status_text("patching", &key, code, &resp.body)),
+    }
+}
+
+/// The message of an error status, with the rights needed on a 403.
+fn status_text(verb: &str, key: &str, code: StatusCode, body: &[u8]) -> String {
+    let mut msg = format!(
+        "{verb} ImageStream {key}: HTTP {}: {}",
+        code.as_u16(),
+        status_message(body)
+    );
+    if code == StatusCode::FORBIDDEN {
+        let ns = key.split('/').next().unwrap_or_default();
+        msg.push_str(&format!(
+            "; the service account needs get, create and patch on imagestreams.image.openshift.io \
+             in namespace {ns} (e.g. the cluster role registry-editor)"
+        ));
+    }
+    msg
+}
+
+/// The message of a request that got no answer.
+fn call_message(verb: &str, key: &str, e: CallError) -> String {
+    match e {
+        CallError::Build(reason) => format!("{verb} ImageStream {key}: {reason}"),
+        CallError::Transport { source, attempts } => {
+            format!(
+                "{verb} ImageStream {key}: request failed after {attempts} attempt(s): {source}"
+            )
+        }
+        CallError::Timeout { timeout, attempts } => format!(
+            "{verb} ImageStream {key}: no answer within {timeout:?} ({attempts} attempt(s))"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream() -> ImageStream {
+        serde_json::from_value(json!({
+            "apiVersion": "image.openshift.io/v1",
+            "kind": "ImageStream",
+            "metadata": {
+                "name": "web", "namespace": "team-a", "uid": "u-1", "resourceVersion": "7",
+                "labels": {"app": "web"},
+                "annotations": {
+                    LAST_APPLIED: "{}",
+                    "openshift.io/display-name": "Web"
+                }
+            },
+            "spec": {
+                "lookupPolicy": {"local": true},
+                "tags": [
+                    {"name": "ext", "annotations": null, "generation": 4,
+                     "from": {"kind": "DockerImage", "name": "quay.io/org/web:1"},
+                     "importPolicy": {"scheduled": true, "importMode": "PreserveOriginal"},
+                     "referencePolicy": {"type": "Local"}},
+                    {"name": "stable", "generation": 2,
+                     "from": {"kind": "ImageStreamTag", "name": "web:latest", "namespace": "team-a"}},
+                    {"name": "base", "from": {"kind": "ImageStreamTag", "name": "base:1", "namespace": "shared"}},
+                    {"name": "mirror", "from": {"kind": "DockerImage",
+                     "name": "image-registry.openshift-image-registry.svc:5000/team-a/web@sha256:00"}}
+                ]
+            },
+            "status": {
+                "dockerImageRepository": "image-registry.openshift-image-registry.svc:5000/team-a/web",
+                "tags": [{"tag": "latest", "items": []}]
+            }
+        }))
+        .unwrap()
+    }
+
+    fn map() -> BTreeMap<String, String> {
+        [("team-a".to_string(), "team-z".to_string())].into()
+    }
+
+    #[test]
+    fn object_is_mapped_without_status_generation_or_last_applied() {
+        let d = desired_object(&stream(), &map());
+        assert_eq!(d.key(), "team-z/web");
+        assert_eq!(d.source, "team-a/web");
+        let o = &d.object;
+        assert!(o.get("status").is_none());
+        assert_eq!(
+            o["metadata"],
+            json!({"name": "web", "namespace": "team-z", "labels": {"app": "web"},
+                   "annotations": {"openshift.io/display-name": "Web"}})
+        );
+        let tags = o["spec"]["tags"].as_array().unwrap();
+        assert!(tags.iter().all(|t| t.get("generation").is_none()));
+        assert!(tags[0].get("annotations").is_none(), "nulls dropped");
+        assert_eq!(tags[0]["from"]["name"], "quay.io/org/web:1");
+        assert_eq!(tags[0]["importPolicy"]["scheduled"], true);
+        assert_eq!(tags[0]["referencePolicy"]["type"], "Local");
+        assert_eq!(tags[1]["from"]["namespace"], "team-z", "mapped");
+        assert_eq!(tags[2]["from"]["namespace"], "shared", "not mapped");
+        assert_eq!(
+            tags[3]["from"]["name"],
+            "image-registry.openshift-image-registry.svc:5000/team-z/web@sha256:00"
+        );
+        assert_eq!(o["spec"]["lookupPolicy"]["local"], true);
+    }
+
+    #[test]
+    fn selection_uses_archived_names() {
+        let s = [stream()];
+        let opts = |ns: &[&str], is: &[&str]| ApplyOptions {
+            namespaces: ns.iter().map(|s| s.to_string()).collect(),
+            imagestreams: is.iter().map(|s| s.to_string()).collect(),
+            map_namespaces: map(),
+            ..Default::default()
+        };
+        assert_eq!(desired_objects(&s, &opts(&[], &[])).len(), 1);
+        assert_eq!(desired_objects(&s, &opts(&["team-a"], &[])).len(), 1);
+        assert_eq!(desired_objects(&s, &opts(&["team-z"], &[])).len(), 0);
+        assert_eq!(desired_objects(&s, &opts(&[], &["team-a/web"])).len(), 1);
+        assert_eq!(desired_objects(&s, &opts(&[], &["team-a/api"])).len(), 0);
+    }
+
+    #[test]
+    fn unchanged_spec_is_detected_despite_server_generations() {
+        let d = desired_object(&stream(), &map());
+        let mut served = d.spec().clone();
+        for (i, t) in served["tags"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .enumerate()
+        {
+            t["generation"] = json!(i + 1);
+        }
+        assert!(!spec_would_change(&served, d.spec()));
+        served["lookupPolicy"]["local"] = json!(false);
+        assert!(spec_would_change(&served, d.spec()));
+        assert!(spec_would_change(&Value::Null, d.spec()));
+        assert!(!spec_would_change(&json!({"extra": 1}), &json!({})));
+    }
+
+    #[test]
+    fn spec_null_or_missing_becomes_empty_object() {
+        assert_eq!(desired_spec(&Value::Null, &map(), None), json!({}));
+    }
+}
