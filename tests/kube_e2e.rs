@@ -504,6 +504,11 @@ fn without_pvc_a_full_volume_fails_clearly_and_keeps_the_committed_index() {
         "names the archive: {}",
         full.stderr
     );
+    assert!(
+        full.stderr.contains("nothing of this run was committed") && full.stderr.contains("--pvc"),
+        "says what state the archive is in and what to do: {}",
+        full.stderr
+    );
     assert_eq!(
         std::fs::read(archive.join("index.json")).unwrap(),
         committed,

@@ -98,8 +98,10 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
         ensure_room(&args, pvc, plan.bytes_to_fetch()).await?;
     }
     if !args.dry_run {
+        let to_fetch = plan.bytes_to_fetch();
         backup::execute(layout.clone(), &client, &mut plan, &opts, &mut report)
             .await
+            .map_err(|e| explain_full_volume(e, &args.archive, to_fetch))
             .with_context(|| format!("backing up into {}", args.archive.display()))?;
     }
     backup::summarize(&plan, &mut report, args.dry_run);
@@ -209,4 +211,30 @@ fn repair_set(layout: &Layout) -> anyhow::Result<std::collections::HashSet<crate
         "repair check done"
     );
     Ok(force)
+}
+
+/// Adds what happened and what to do to a full-volume error (ENOSPC,
+/// EDQUOT) of the download: nothing of this run was committed.
+fn explain_full_volume(
+    e: crate::layout::LayoutError,
+    archive: &std::path::Path,
+    to_fetch: u64,
+) -> anyhow::Error {
+    let full = match &e {
+        crate::layout::LayoutError::Io { source, .. } => {
+            matches!(source.raw_os_error(), Some(28 | 122))
+        }
+        _ => false,
+    };
+    if !full {
+        return e.into();
+    }
+    use crate::capacity::{fs_space, human};
+    let free = fs_space(archive).map_or_else(|_| "unknown".into(), |s| human(s.free));
+    anyhow::Error::new(e).context(format!(
+        "the archive volume is full ({} to fetch, {free} free now); nothing of this run was \
+         committed, index.json keeps the last committed state; grow the volume (--pvc NAME \
+         grows it before downloading) or back up fewer namespaces",
+        human(to_fetch)
+    ))
 }
