@@ -23,7 +23,7 @@ use crate::digest::Digest;
 use crate::export::{BlobList, BLOB_LIST};
 use crate::imagestream::{self, ImageStream};
 use crate::index::{ArchiveIndex, Entry};
-use crate::layout::{Layout, LayoutError, MAX_MANIFEST_SIZE};
+use crate::layout::{Layout, LayoutError};
 
 /// Largest `index.json` or blob list read from a stream.
 const MAX_METADATA_SIZE: u64 = 256 * 1024 * 1024;
@@ -192,7 +192,11 @@ pub fn read_stream<R: Read>(
         })?;
         for entry in entries {
             let mut entry = entry.map_err(|e| ImportError::Stream {
-                at: format!("the tar header after {last}"),
+                at: if end_of_last == 0 {
+                    last.clone()
+                } else {
+                    format!("the tar header after {last}")
+                },
                 message: e.to_string(),
             })?;
             let size = entry.size();
@@ -563,9 +567,6 @@ impl<R: Read> Read for Tracked<'_, R> {
         }
     }
 }
-
-/// The largest manifest a stream may carry (as in the archive).
-pub const MAX_STREAM_MANIFEST: u64 = MAX_MANIFEST_SIZE;
 
 #[cfg(test)]
 mod tests {

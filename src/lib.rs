@@ -29,5 +29,6 @@ pub mod manifest;
 pub mod registry;
 pub mod report;
 pub mod restore;
+pub mod restore_stream;
 pub mod transfer;
 pub mod verify;

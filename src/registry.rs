@@ -500,6 +500,83 @@ impl RegistryClient {
         .await
     }
 
+    /// Uploads a blob held in memory (monolithic PUT, retried like every call).
+    pub async fn push_blob_bytes(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        data: Bytes,
+    ) -> Result<u64, RegistryError> {
+        let reference = self.reference(repo, digest.as_str());
+        let what = format!("{}/{repo}@{digest}", self.host);
+        let size = data.len() as u64;
+        self.retry(
+            "push blob",
+            &what,
+            &reference,
+            RegistryOperation::Push,
+            || async {
+                self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
+                let body = data.clone();
+                let stream =
+                    futures::stream::once(async move { Ok::<_, OciDistributionError>(body) });
+                self.client
+                    .push_blob_stream(&reference, stream, digest.as_str(), Some(size))
+                    .await
+                    .map_err(Attempt::Oci)?;
+                self.stats.bytes_out.fetch_add(size, Ordering::Relaxed);
+                Ok(size)
+            },
+        )
+        .await
+    }
+
+    /// Uploads a blob of `size` bytes from a stream of chunks (monolithic
+    /// PUT). A stream cannot be replayed, so there is one attempt only; the
+    /// registry checks the digest of what it received.
+    pub async fn push_blob_chunks<S>(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        size: u64,
+        chunks: S,
+    ) -> Result<u64, RegistryError>
+    where
+        S: futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let reference = self.reference(repo, digest.as_str());
+        let what = format!("{}/{repo}@{digest}", self.host);
+        self.client
+            .store_auth_if_needed(&self.host, &self.auth)
+            .await;
+        self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
+        let stats = self.stats.clone();
+        let stream = chunks.map(move |r| {
+            if let Ok(b) = &r {
+                stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+            }
+            r.map_err(OciDistributionError::IoError)
+        });
+        match self
+            .client
+            .push_blob_stream(&reference, stream, digest.as_str(), Some(size))
+            .await
+        {
+            Ok(_) => Ok(size),
+            Err(e) => {
+                let c = classify(e);
+                Err(RegistryError::Request {
+                    op: "push blob",
+                    what,
+                    message: c.message,
+                    permanent: c.permanent,
+                    not_found: c.not_found,
+                    config: c.config,
+                })
+            }
+        }
+    }
+
     /// The digest a tag (or digest) currently resolves to, `None` if absent.
     pub async fn resolve(
         &self,

@@ -66,22 +66,22 @@ fn valid_namespace(s: &str) -> bool {
 
 /// One tag to restore: its archived events, oldest first.
 #[derive(Debug, Clone)]
-struct Unit {
-    target_namespace: String,
-    stream: String,
-    tag: String,
+pub(crate) struct Unit {
+    pub(crate) target_namespace: String,
+    pub(crate) stream: String,
+    pub(crate) tag: String,
     /// Oldest first; the last is the current image.
-    events: Vec<Entry>,
+    pub(crate) events: Vec<Entry>,
 }
 
 impl Unit {
-    fn repo(&self) -> String {
+    pub(crate) fn repo(&self) -> String {
         format!("{}/{}", self.target_namespace, self.stream)
     }
 }
 
 /// Selects and groups the entries to restore.
-fn units(entries: &[Entry], opts: &RestoreOptions) -> Vec<Unit> {
+pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> Vec<Unit> {
     let mut by_tag: BTreeMap<(String, String, String), Vec<Entry>> = BTreeMap::new();
     for e in entries {
         if !opts.namespaces.is_empty() && !opts.namespaces.contains(&e.namespace) {
@@ -126,13 +126,75 @@ struct UnitResult {
     blobs_skipped: usize,
 }
 
+/// Where the images to push come from.
+pub(crate) enum Source {
+    /// An archive directory: blobs are uploaded from their files.
+    Layout(Arc<Layout>),
+    /// An export stream already read (`restore --from`): manifests are in
+    /// memory, blobs were uploaded while the stream went by.
+    Stream(Arc<crate::restore_stream::StreamedImages>),
+}
+
+impl Source {
+    fn walk(&self, image: &Digest) -> Result<Vec<closure::Node>, String> {
+        match self {
+            Source::Layout(layout) => {
+                let mut seen = std::collections::HashSet::new();
+                closure::walk(layout, image, &mut seen).map_err(|e| e.to_string())
+            }
+            Source::Stream(images) => images.walk(image),
+        }
+    }
+
+    fn manifest(&self, image: &Digest, digest: &Digest) -> Result<Bytes, String> {
+        match self {
+            Source::Layout(layout) => layout
+                .read_small_blob(digest)
+                .map(Bytes::from)
+                .map_err(|e| format!("image {image}: {e}")),
+            Source::Stream(images) => images
+                .manifest(digest)
+                .ok_or_else(|| format!("image {image}: manifest {digest} was not in the stream")),
+        }
+    }
+
+    fn blob_size(&self, digest: &Digest) -> u64 {
+        match self {
+            Source::Layout(layout) => layout.blob_size(digest).unwrap_or(0),
+            Source::Stream(images) => images.size(digest),
+        }
+    }
+
+    async fn upload(
+        &self,
+        client: &RegistryClient,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<u64, RegistryError> {
+        match self {
+            Source::Layout(layout) => client.push_blob(repo, digest, layout).await,
+            Source::Stream(images) => Err(RegistryError::Request {
+                op: "push blob",
+                what: format!("{}/{repo}@{digest}", client.host()),
+                message: images.unavailable(digest),
+                permanent: true,
+                not_found: false,
+                config: false,
+            }),
+        }
+    }
+}
+
 /// Pushes blobs once per repository, mounting from where they already are.
-struct Pusher {
+pub(crate) struct Pusher {
     client: RegistryClient,
-    layout: Arc<Layout>,
+    source: Source,
     done: Mutex<HashMap<(String, Digest), Arc<OnceCell<BlobOutcome>>>>,
     /// Where each blob is (or is being put) first in the target registry.
     located: Mutex<HashMap<Digest, Arc<OnceCell<String>>>>,
+    /// Blobs a streaming restore already put into a repository: reported
+    /// as new by the first tag that needs them there.
+    streamed: Mutex<HashMap<(String, Digest), u64>>,
     dry_run: bool,
 }
 
@@ -145,6 +207,46 @@ enum BlobOutcome {
 }
 
 impl Pusher {
+    /// A pusher of the images of `source`.
+    pub(crate) fn new(client: &RegistryClient, source: Source, dry_run: bool) -> Self {
+        Pusher {
+            client: client.clone(),
+            source,
+            done: Mutex::default(),
+            located: Mutex::default(),
+            streamed: Mutex::default(),
+            dry_run,
+        }
+    }
+
+    /// Records that `repo` holds `digest` (uploaded by a streaming restore,
+    /// `bytes` long, or found present when `bytes` is `None`): later
+    /// repositories mount it from there.
+    pub(crate) fn record_located(&self, repo: &str, digest: &Digest, bytes: Option<u64>) {
+        let cell = self
+            .located
+            .lock()
+            .expect("pusher lock")
+            .entry(digest.clone())
+            .or_default()
+            .clone();
+        let _ = cell.set(repo.to_string());
+        let done = self
+            .done
+            .lock()
+            .expect("pusher lock")
+            .entry((repo.to_string(), digest.clone()))
+            .or_default()
+            .clone();
+        let _ = done.set(BlobOutcome::Present);
+        if let Some(n) = bytes {
+            self.streamed
+                .lock()
+                .expect("pusher lock")
+                .insert((repo.to_string(), digest.clone()), n);
+        }
+    }
+
     async fn ensure_blob(&self, repo: &str, digest: &Digest) -> Result<BlobOutcome, RegistryError> {
         let cell = self
             .done
@@ -169,9 +271,7 @@ impl Pusher {
                     return Ok(BlobOutcome::Present);
                 }
                 if self.dry_run {
-                    return Ok(BlobOutcome::WouldUpload(
-                        self.layout.blob_size(digest).unwrap_or(0),
-                    ));
+                    return Ok(BlobOutcome::WouldUpload(self.source.blob_size(digest)));
                 }
                 // The first repository to need a blob uploads it; the others
                 // wait for that and mount it, falling back to an upload.
@@ -185,7 +285,7 @@ impl Pusher {
                 let mut uploaded = None;
                 let from = first
                     .get_or_try_init(|| async {
-                        uploaded = Some(self.client.push_blob(repo, digest, &self.layout).await?);
+                        uploaded = Some(self.source.upload(&self.client, repo, digest).await?);
                         Ok::<_, RegistryError>(repo.to_string())
                     })
                     .await?;
@@ -195,10 +295,18 @@ impl Pusher {
                 if from != repo && self.client.mount_blob(repo, from, digest).await {
                     return Ok(BlobOutcome::Mounted);
                 }
-                let n = self.client.push_blob(repo, digest, &self.layout).await?;
+                let n = self.source.upload(&self.client, repo, digest).await?;
                 Ok::<_, RegistryError>(BlobOutcome::Uploaded(n))
             })
             .await?;
+        if let Some(n) = self
+            .streamed
+            .lock()
+            .expect("pusher lock")
+            .remove(&(repo.to_string(), digest.clone()))
+        {
+            return Ok(BlobOutcome::Uploaded(n));
+        }
         // Another tag of the same repository did the work: count it once.
         Ok(if fresh {
             *outcome
@@ -215,8 +323,7 @@ impl Pusher {
         image: &Digest,
         result: &mut UnitResult,
     ) -> Result<(Bytes, String), String> {
-        let mut seen = std::collections::HashSet::new();
-        let nodes = closure::walk(&self.layout, image, &mut seen).map_err(|e| e.to_string())?;
+        let nodes = self.source.walk(image)?;
         let mut root = None;
         for node in nodes {
             match &node.manifest {
@@ -230,12 +337,9 @@ impl Pusher {
                     Err(e) => return Err(format!("image {image}: blob {}: {e}", node.digest)),
                 },
                 Some(media_type) => {
-                    let bytes = self
-                        .layout
-                        .read_small_blob(&node.digest)
-                        .map_err(|e| format!("image {image}: {e}"))?;
+                    let bytes = self.source.manifest(image, &node.digest)?;
                     if &node.digest == image {
-                        root = Some((Bytes::from(bytes), media_type.clone()));
+                        root = Some((bytes, media_type.clone()));
                     } else if !self.dry_run {
                         // A child of an index: pushed by digest before its index.
                         let present = self
@@ -246,12 +350,7 @@ impl Pusher {
                             .is_some();
                         if !present {
                             self.client
-                                .push_manifest(
-                                    repo,
-                                    node.digest.as_str(),
-                                    Bytes::from(bytes),
-                                    media_type,
-                                )
+                                .push_manifest(repo, node.digest.as_str(), bytes, media_type)
                                 .await
                                 .map_err(|e| {
                                     format!("image {image}: child manifest {}: {e}", node.digest)
@@ -341,13 +440,19 @@ pub async fn restore(
     let index = layout.read_index()?;
     let units = units(&index.entries, opts);
     tracing::info!(tags = units.len(), dry_run = opts.dry_run, "restoring");
-    let pusher = Arc::new(Pusher {
-        client: client.clone(),
-        layout,
-        done: Mutex::default(),
-        located: Mutex::default(),
-        dry_run: opts.dry_run,
-    });
+    let pusher = Arc::new(Pusher::new(client, Source::Layout(layout), opts.dry_run));
+    run_units(pusher, units, opts, report).await;
+    Ok(())
+}
+
+/// Restores every unit (tags in parallel, each tag's history in order) and
+/// adds the results to `report`.
+pub(crate) async fn run_units(
+    pusher: Arc<Pusher>,
+    units: Vec<Unit>,
+    opts: &RestoreOptions,
+    report: &mut Report,
+) {
     let overwrite = opts.overwrite;
     let results = transfer::bounded(units.clone(), opts.jobs.max(1), |unit: Unit| {
         let pusher = pusher.clone();
@@ -387,7 +492,6 @@ pub async fn restore(
     }
     report.totals.imagestreams = report.imagestreams.len();
     report.totals.images = images.len();
-    Ok(())
 }
 
 #[cfg(test)]

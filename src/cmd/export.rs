@@ -28,9 +28,9 @@ pub fn export(args: ExportArgs) -> anyhow::Result<i32> {
         // Written beside the target and renamed: a failed export leaves no
         // file that looks complete.
         let target = &args.output;
-        let name = target
-            .file_name()
-            .ok_or_else(|| super::config_error(anyhow::anyhow!("-o {}: not a file name", target.display())))?;
+        let name = target.file_name().ok_or_else(|| {
+            super::config_error(anyhow::anyhow!("-o {}: not a file name", target.display()))
+        })?;
         let tmp = target.with_file_name(format!(
             ".{}.partial.{}",
             name.to_string_lossy(),
@@ -97,6 +97,62 @@ pub fn import(args: ImportArgs) -> anyhow::Result<i32> {
         seconds = stats.seconds,
         "import committed"
     );
-    println!("{}", serde_json::to_string_pretty(&stats).expect("stats serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&stats).expect("stats serialize")
+    );
     Ok(crate::report::EXIT_OK)
+}
+
+/// `restore --from FILE|-`: pushes straight from an export stream.
+pub(crate) async fn restore_from(
+    args: &crate::cli::RestoreArgs,
+    client: &crate::registry::RegistryClient,
+    host: &str,
+    opts: &crate::restore::RestoreOptions,
+    started: std::time::Instant,
+) -> anyhow::Result<i32> {
+    let from = args.from.as_deref().ok_or_else(|| {
+        super::config_error(anyhow::anyhow!(
+            "restore needs --archive DIR or --from FILE"
+        ))
+    })?;
+    if args.apply_imagestreams {
+        return Err(super::config_error(anyhow::anyhow!(
+            "--apply-imagestreams needs --archive DIR (import the stream first)"
+        )));
+    }
+    let reader: Box<dyn io::Read + Send> = if is_dash(from) {
+        Box::new(io::stdin())
+    } else {
+        let file = File::open(from)
+            .with_context(|| format!("opening {}", from.display()))
+            .map_err(super::config_error)?;
+        Box::new(io::BufReader::with_capacity(1 << 20, file))
+    };
+    let mut report = crate::report::Report {
+        command: "restore".into(),
+        archive: from.display().to_string(),
+        registry: host.to_string(),
+        dry_run: args.dry_run,
+        ..Default::default()
+    };
+    crate::restore_stream::restore_from(reader, client, opts, &mut report)
+        .await
+        .with_context(|| format!("restoring from {}", from.display()))?;
+    report.requests = crate::report::RequestCounts::from_stats(&client.stats);
+    report.seconds = started.elapsed().as_secs_f64();
+    report
+        .emit(args.report.report.as_deref())
+        .context("writing the report")?;
+    tracing::info!(
+        images_pushed = report.totals.images_new,
+        images_skipped = report.totals.images_skipped,
+        images_failed = report.totals.images_failed,
+        bytes = report.totals.bytes_new,
+        seconds = report.seconds,
+        "restore from stream {}",
+        if args.dry_run { "planned" } else { "done" }
+    );
+    Ok(report.exit_code())
 }

@@ -35,9 +35,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<i32> {
         jobs: args.registry.jobs as usize,
     };
     let Some(archive) = &args.archive else {
-        return Err(super::config_error(anyhow::anyhow!(
-            "restore --from needs an export stream; give --archive DIR"
-        )));
+        return super::export::restore_from(&args, &client, &settings.host, &opts, started).await;
     };
     let layout = Arc::new(Layout::open(archive, Access::Read).map_err(super::config_error)?);
     // `--apply-imagestreams`: the archived objects and Kubernetes access are
