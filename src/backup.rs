@@ -124,9 +124,9 @@ pub async fn plan(
     layout: Arc<Layout>,
     client: &RegistryClient,
     streams: Vec<ImageStream>,
+    previous: ArchiveIndex,
     opts: &BackupOptions,
 ) -> Result<Plan, LayoutError> {
-    let previous = layout.read_index()?;
     let mut plan = Plan {
         known: previous
             .entries
@@ -434,26 +434,34 @@ pub fn summarize(plan: &Plan, report: &mut Report, dry_run: bool) {
         report.totals.history_items += s.history_items;
     }
     report.totals.imagestreams = plan.streams.len();
-    let mut counted: HashSet<(String, Digest)> = HashSet::new();
-    for r in &plan.refs {
-        images.insert(&r.digest);
-        if !counted.insert((repo_of(r), r.digest.clone())) {
-            continue;
-        }
-        let s = report.imagestreams.entry(repo_of(r)).or_default();
-        if plan.present.contains(&r.digest) {
-            s.images_skipped += 1;
-        } else if let Some(reason) = plan.failed.get(&r.digest) {
-            s.failures.push(Failure {
-                namespace: r.namespace.clone(),
-                imagestream: r.stream.clone(),
-                tag: r.tag.clone(),
-                position: Some(r.position),
-                digest: Some(r.digest.clone()),
-                reason: reason.clone(),
-            });
-        } else {
-            s.images_new += 1;
+    // Refs come grouped by stream: one report entry per group.
+    for group in plan
+        .refs
+        .chunk_by(|a, b| a.namespace == b.namespace && a.stream == b.stream)
+    {
+        let s = report.imagestreams.entry(repo_of(&group[0])).or_default();
+        let mut seen: HashSet<&Digest> = HashSet::with_capacity(group.len());
+        for r in group {
+            images.insert(&r.digest);
+            if let Some(reason) = plan.failed.get(&r.digest) {
+                // Every tag event of a failed image is named.
+                s.failures.push(Failure {
+                    namespace: r.namespace.clone(),
+                    imagestream: r.stream.clone(),
+                    tag: r.tag.clone(),
+                    position: Some(r.position),
+                    digest: Some(r.digest.clone()),
+                    reason: reason.clone(),
+                });
+            }
+            if !seen.insert(&r.digest) {
+                continue;
+            }
+            if plan.present.contains(&r.digest) {
+                s.images_skipped += 1;
+            } else if !plan.failed.contains_key(&r.digest) {
+                s.images_new += 1;
+            }
         }
     }
     for r in &plan.external_skipped {

@@ -13,9 +13,20 @@ pub struct DigestError {
     pub reason: &'static str,
 }
 
-/// A validated `sha256:<64 lowercase hex>` digest.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest(String);
+/// A validated `sha256:<64 lowercase hex>` digest; cheap to clone.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Digest(std::sync::Arc<str>);
+
+// The hex is already uniformly distributed: 64 bits of it make a good hash
+// at a fraction of the cost of hashing the whole string (equality still
+// compares all of it).
+impl std::hash::Hash for Digest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0.as_bytes()[7..15]);
+        state.write_u64(u64::from_le_bytes(b));
+    }
+}
 
 impl Digest {
     /// Parses and validates a digest string. Only sha256 is accepted.
@@ -36,7 +47,7 @@ impl Digest {
         {
             return Err(err("a sha256 digest is lowercase hex"));
         }
-        Ok(Digest(s.to_string()))
+        Ok(Digest(s.into()))
     }
 
     /// The digest of `data`.
@@ -47,7 +58,7 @@ impl Digest {
 
     /// Builds a digest from a finished sha256 hash.
     pub fn from_sha256(hash: [u8; 32]) -> Self {
-        Digest(format!("sha256:{}", hex::encode(hash)))
+        Digest(format!("sha256:{}", hex::encode(hash)).into())
     }
 
     /// The 64 hex characters: a safe file name.
@@ -95,7 +106,7 @@ impl serde::Serialize for Digest {
 
 impl<'de> serde::Deserialize<'de> for Digest {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         Digest::parse(&s).map_err(serde::de::Error::custom)
     }
 }

@@ -44,6 +44,10 @@ pub struct ObjectMeta {
     /// Labels, for `--selector` on offline input.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Server bookkeeping, not kept: it can outweigh the object itself and a
+    /// restore never sends it back.
+    #[serde(rename = "managedFields", default, skip_serializing)]
+    pub managed_fields: Option<serde::de::IgnoredAny>,
     /// Every other metadata field, as served.
     #[serde(flatten)]
     pub rest: Map<String, Value>,
@@ -213,40 +217,46 @@ pub fn parse_list(json: &[u8], origin: &str) -> Result<Vec<ImageStream>, ImageSt
         origin: origin.to_string(),
         reason,
     };
-    let value: Value = serde_json::from_slice(json).map_err(|e| shape(e.to_string()))?;
-    let kind = value
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let items: Vec<Value> = match kind {
-        "ImageStream" => vec![value],
-        "List" | "ImageStreamList" => match value.get("items") {
-            Some(Value::Array(items)) => items.clone(),
-            Some(Value::Null) | None => Vec::new(),
-            Some(_) => return Err(shape("`items` is not an array".into())),
-        },
-        other => return Err(shape(format!("unexpected kind {other:?}"))),
+    // Items stay raw (borrowed from the input) until each is parsed into
+    // its typed form: no intermediate tree of the whole document.
+    #[derive(Deserialize)]
+    struct Doc<'a> {
+        #[serde(default)]
+        kind: String,
+        #[serde(borrow, default)]
+        items: Option<Vec<&'a serde_json::value::RawValue>>,
+    }
+    let doc: Doc = serde_json::from_slice(json).map_err(|e| shape(e.to_string()))?;
+    let parse_one = |i: usize, raw: &str| -> Result<ImageStream, ImageStreamError> {
+        let is: ImageStream =
+            serde_json::from_str(raw).map_err(|e| shape(format!("item {i}: {e}")))?;
+        if is.kind != "ImageStream" {
+            return Err(shape(format!(
+                "item {i}: kind {:?} is not ImageStream",
+                is.kind
+            )));
+        }
+        if is.metadata.name.is_empty() || is.metadata.namespace.is_empty() {
+            return Err(shape(format!(
+                "item {i}: metadata.name and metadata.namespace are required"
+            )));
+        }
+        Ok(is)
     };
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let is: ImageStream =
-                serde_json::from_value(item).map_err(|e| shape(format!("item {i}: {e}")))?;
-            if is.kind != "ImageStream" {
-                return Err(shape(format!(
-                    "item {i}: kind {:?} is not ImageStream",
-                    is.kind
-                )));
-            }
-            if is.metadata.name.is_empty() || is.metadata.namespace.is_empty() {
-                return Err(shape(format!(
-                    "item {i}: metadata.name and metadata.namespace are required"
-                )));
-            }
-            Ok(is)
-        })
-        .collect()
+    match doc.kind.as_str() {
+        "ImageStream" => {
+            let text = std::str::from_utf8(json).map_err(|e| shape(e.to_string()))?;
+            Ok(vec![parse_one(0, text)?])
+        }
+        "List" | "ImageStreamList" => doc
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| parse_one(i, raw.get()))
+            .collect(),
+        other => Err(shape(format!("unexpected kind {other:?}"))),
+    }
 }
 
 /// Reads [`parse_list`] input from a file.
@@ -258,14 +268,30 @@ pub fn read_file(path: &Path) -> Result<Vec<ImageStream>, ImageStreamError> {
     parse_list(&data, &path.display().to_string())
 }
 
-/// Builds the `List` JSON (`oc get is -o json` shape) for a set of streams.
+/// The `List` JSON (`oc get is -o json` shape) for a set of streams, as a
+/// tree; [`list_json`] writes the same bytes without building it.
 pub fn to_list(streams: &[ImageStream]) -> Value {
-    serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "List",
-        "metadata": {"resourceVersion": ""},
-        "items": streams,
+    serde_json::from_slice(&list_json(streams)).expect("a serialized list parses")
+}
+
+/// Serializes a set of streams as an `oc get is -o json` List, directly
+/// (no intermediate tree).
+pub fn list_json<'a>(streams: impl IntoIterator<Item = &'a ImageStream>) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct ListOut<'a> {
+        #[serde(rename = "apiVersion")]
+        api_version: &'static str,
+        kind: &'static str,
+        metadata: Value,
+        items: Vec<&'a ImageStream>,
+    }
+    serde_json::to_vec(&ListOut {
+        api_version: "v1",
+        kind: "List",
+        metadata: serde_json::json!({"resourceVersion": ""}),
+        items: streams.into_iter().collect(),
     })
+    .expect("an ImageStream list serializes")
 }
 
 /// Matches a label selector of the form `a=b,c!=d,e` (equality-based only).

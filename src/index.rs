@@ -8,7 +8,7 @@
 //! itself, so one rename of `index.json` commits one consistent state.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 
 use crate::digest::Digest;
@@ -81,32 +81,103 @@ pub struct ArchiveIndex {
     pub foreign: Vec<Value>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct RawIndex {
+#[derive(Deserialize)]
+struct RawIndexIn<'a> {
     #[serde(rename = "schemaVersion")]
     schema_version: u32,
-    #[serde(rename = "mediaType", default, skip_serializing_if = "Option::is_none")]
-    media_type: Option<String>,
+    #[serde(borrow, default)]
+    manifests: Vec<&'a serde_json::value::RawValue>,
     #[serde(default)]
-    manifests: Vec<Value>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     annotations: BTreeMap<String, String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct RawDescriptor {
+#[derive(Deserialize)]
+struct RawDescriptorIn {
     #[serde(rename = "mediaType")]
     media_type: String,
     digest: Digest,
     size: u64,
     #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    annotations: AnnotationsIn,
+}
+
+/// Our annotations, read into fields (others are ignored).
+#[derive(Deserialize, Default)]
+struct AnnotationsIn {
+    #[serde(rename = "io.imagestream-archiver.namespace")]
+    namespace: Option<String>,
+    #[serde(rename = "io.imagestream-archiver.imagestream", default)]
+    stream: String,
+    #[serde(rename = "io.imagestream-archiver.tag", default)]
+    tag: String,
+    #[serde(rename = "io.imagestream-archiver.history-index", default)]
+    position: String,
+    #[serde(rename = "io.imagestream-archiver.created", default)]
+    created: String,
+    #[serde(rename = "io.imagestream-archiver.docker-image-reference", default)]
+    reference: String,
+}
+
+/// Our descriptor as written: fields in sorted order, as a JSON object
+/// with sorted keys would have them.
+#[derive(Serialize)]
+struct DescriptorOut<'a> {
+    annotations: AnnotationsOut<'a>,
+    digest: &'a Digest,
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    size: u64,
+}
+
+#[derive(Serialize)]
+struct AnnotationsOut<'a> {
+    #[serde(
+        rename = "io.imagestream-archiver.created",
+        skip_serializing_if = "str::is_empty"
+    )]
+    created: &'a str,
+    #[serde(
+        rename = "io.imagestream-archiver.docker-image-reference",
+        skip_serializing_if = "str::is_empty"
+    )]
+    reference: &'a str,
+    #[serde(rename = "io.imagestream-archiver.history-index")]
+    position: String,
+    #[serde(rename = "io.imagestream-archiver.imagestream")]
+    stream: &'a str,
+    #[serde(rename = "io.imagestream-archiver.namespace")]
+    namespace: &'a str,
+    #[serde(rename = "io.imagestream-archiver.tag")]
+    tag: &'a str,
+    #[serde(
+        rename = "org.opencontainers.image.ref.name",
+        skip_serializing_if = "Option::is_none"
+    )]
+    ref_name: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ManifestOut<'a> {
+    Ours(DescriptorOut<'a>),
+    Foreign(&'a Value),
+}
+
+#[derive(Serialize)]
+struct RawIndexOut<'a> {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: &'static str,
+    manifests: Vec<ManifestOut<'a>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<&'static str, String>,
 }
 
 impl ArchiveIndex {
     /// Parses `index.json` bytes.
     pub fn from_json(data: &[u8]) -> Result<Self, String> {
-        let raw: RawIndex = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+        let raw: RawIndexIn = serde_json::from_slice(data).map_err(|e| e.to_string())?;
         if raw.schema_version != 2 {
             return Err(format!("schemaVersion {} is not 2", raw.schema_version));
         }
@@ -116,33 +187,37 @@ impl ArchiveIndex {
                 .get(ANN_IMAGESTREAMS)
                 .map(|s| Digest::parse(s).map_err(|e| e.to_string()))
                 .transpose()?,
+            entries: Vec::with_capacity(raw.manifests.len()),
             ..Default::default()
         };
         for (i, value) in raw.manifests.into_iter().enumerate() {
-            let ours = value
-                .get("annotations")
-                .and_then(|a| a.get(ANN_NAMESPACE))
-                .is_some();
-            if !ours {
-                index.foreign.push(value);
+            let text = value.get();
+            let ours = text.contains(ANN_NAMESPACE);
+            let parsed = ours
+                .then(|| serde_json::from_str::<RawDescriptorIn>(text))
+                .transpose()
+                .map_err(|e| format!("manifests[{i}]: {e}"))?;
+            let Some(d) = parsed.filter(|d| d.annotations.namespace.is_some()) else {
+                index
+                    .foreign
+                    .push(serde_json::from_str(text).map_err(|e| format!("manifests[{i}]: {e}"))?);
                 continue;
-            }
-            let d: RawDescriptor =
-                serde_json::from_value(value).map_err(|e| format!("manifests[{i}]: {e}"))?;
-            let get = |k: &str| d.annotations.get(k).cloned().unwrap_or_default();
-            let position = get(ANN_POSITION)
+            };
+            let a = d.annotations;
+            let position = a
+                .position
                 .parse()
                 .map_err(|_| format!("manifests[{i}]: bad {ANN_POSITION}"))?;
             let entry = Entry {
-                namespace: get(ANN_NAMESPACE),
-                stream: get(ANN_STREAM),
-                tag: get(ANN_TAG),
+                namespace: a.namespace.unwrap_or_default(),
+                stream: a.stream,
+                tag: a.tag,
                 position,
+                created: a.created,
+                reference: a.reference,
                 digest: d.digest,
                 media_type: d.media_type,
                 size: d.size,
-                created: get(ANN_CREATED),
-                reference: get(ANN_REFERENCE),
             };
             if entry.stream.is_empty() || entry.tag.is_empty() {
                 return Err(format!("manifests[{i}]: stream or tag annotation missing"));
@@ -155,46 +230,46 @@ impl ArchiveIndex {
 
     /// Sorts entries into their canonical order.
     pub fn sort(&mut self) {
-        self.entries.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        // A committed index is already in order.
+        if !self
+            .entries
+            .is_sorted_by(|a, b| a.sort_key() <= b.sort_key())
+        {
+            self.entries.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        }
         self.entries.dedup_by(|a, b| a.sort_key() == b.sort_key());
     }
 
     /// Serializes to `index.json` bytes, deterministically.
     pub fn to_json(&self) -> Vec<u8> {
-        let mut manifests: Vec<Value> = self
+        let mut manifests: Vec<ManifestOut> = self
             .entries
             .iter()
             .map(|e| {
-                let mut ann = Map::new();
-                if e.position == 0 {
-                    ann.insert(REF_NAME.into(), e.ref_name().into());
-                }
-                ann.insert(ANN_NAMESPACE.into(), e.namespace.clone().into());
-                ann.insert(ANN_STREAM.into(), e.stream.clone().into());
-                ann.insert(ANN_TAG.into(), e.tag.clone().into());
-                ann.insert(ANN_POSITION.into(), e.position.to_string().into());
-                if !e.created.is_empty() {
-                    ann.insert(ANN_CREATED.into(), e.created.clone().into());
-                }
-                if !e.reference.is_empty() {
-                    ann.insert(ANN_REFERENCE.into(), e.reference.clone().into());
-                }
-                serde_json::json!({
-                    "mediaType": e.media_type,
-                    "digest": e.digest,
-                    "size": e.size,
-                    "annotations": ann,
+                ManifestOut::Ours(DescriptorOut {
+                    annotations: AnnotationsOut {
+                        created: &e.created,
+                        reference: &e.reference,
+                        position: e.position.to_string(),
+                        stream: &e.stream,
+                        namespace: &e.namespace,
+                        tag: &e.tag,
+                        ref_name: (e.position == 0).then(|| e.ref_name()),
+                    },
+                    digest: &e.digest,
+                    media_type: &e.media_type,
+                    size: e.size,
                 })
             })
             .collect();
-        manifests.extend(self.foreign.iter().cloned());
+        manifests.extend(self.foreign.iter().map(ManifestOut::Foreign));
         let mut annotations = BTreeMap::new();
         if let Some(d) = &self.imagestreams {
-            annotations.insert(ANN_IMAGESTREAMS.to_string(), d.to_string());
+            annotations.insert(ANN_IMAGESTREAMS, d.to_string());
         }
-        let raw = RawIndex {
+        let raw = RawIndexOut {
             schema_version: 2,
-            media_type: Some(crate::manifest::OCI_INDEX.into()),
+            media_type: crate::manifest::OCI_INDEX,
             manifests,
             annotations,
         };

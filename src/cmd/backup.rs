@@ -22,8 +22,26 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
         selector: args.selector.clone(),
         ..Default::default()
     };
+    // An existing archive is locked first (a concurrent run fails before
+    // any discovery) and its index read while discovery runs; a new one is
+    // created only once the input is known to be good.
+    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+    let existing = args.archive.join("oci-layout").exists();
+    let mut opened = None;
+    let mut index_task = None;
+    if existing {
+        let layout = Arc::new(open_layout(&args, scratch.path())?);
+        let l = layout.clone();
+        index_task = Some(tokio::task::spawn_blocking(move || l.read_index()));
+        opened = Some(layout);
+    }
     let discovered = match &args.imagestreams_from {
-        Some(path) => discovery::from_file(path, &dopts),
+        Some(path) => {
+            let (path, dopts) = (path.clone(), dopts.clone());
+            tokio::task::spawn_blocking(move || discovery::from_file(&path, &dopts))
+                .await
+                .context("reading the ImageStream file")?
+        }
         None => {
             let kube = discovery::client_from_env()
                 .await
@@ -32,23 +50,25 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
         }
     }
     .map_err(super::config_error)?;
-
-    // A dry run must not create anything: plan against an empty scratch
-    // layout when the archive does not exist yet.
-    let scratch;
-    let layout = if args.dry_run {
-        match Layout::open(&args.archive, Access::Read) {
-            Ok(l) => l,
-            Err(crate::layout::LayoutError::NotALayout { .. }) => {
-                scratch = tempfile::tempdir().context("creating a scratch directory")?;
-                Layout::open(scratch.path(), Access::Write).map_err(super::config_error)?
-            }
-            Err(e) => return Err(super::config_error(e)),
-        }
-    } else {
-        Layout::open(&args.archive, Access::Write).map_err(super::config_error)?
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        streams = discovered.streams.len(),
+        "discovered"
+    );
+    let layout = match opened {
+        Some(l) => l,
+        None => Arc::new(open_layout(&args, scratch.path())?),
     };
-    let layout = Arc::new(layout);
+    let previous = match index_task {
+        Some(task) => task.await.context("reading index.json")?,
+        None => layout.read_index(),
+    }
+    .map_err(super::config_error)?;
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        entries = previous.entries.len(),
+        "index read"
+    );
 
     let force = if args.repair && !args.dry_run {
         repair_set(&layout)?
@@ -79,7 +99,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
             .collect(),
         ..Default::default()
     };
-    let mut plan = backup::plan(layout.clone(), &client, discovered.streams, &opts)
+    let mut plan = backup::plan(layout.clone(), &client, discovered.streams, previous, &opts)
         .await
         .map_err(super::config_error)?;
     tracing::info!(
@@ -104,7 +124,9 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
             .map_err(|e| explain_full_volume(e, &args.archive, to_fetch))
             .with_context(|| format!("backing up into {}", args.archive.display()))?;
     }
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "executed");
     backup::summarize(&plan, &mut report, args.dry_run);
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "summarized");
     report.requests = RequestCounts::from_stats(&client.stats);
     report.seconds = started.elapsed().as_secs_f64();
     report
@@ -237,4 +259,20 @@ fn explain_full_volume(
          grows it before downloading) or back up fewer namespaces",
         human(to_fetch)
     ))
+}
+
+/// Opens the archive for writing; a dry run opens it shared, or plans
+/// against an empty scratch layout when it does not exist (it must not
+/// create anything).
+fn open_layout(args: &BackupArgs, scratch: &std::path::Path) -> anyhow::Result<Layout> {
+    if !args.dry_run {
+        return Layout::open(&args.archive, Access::Write).map_err(super::config_error);
+    }
+    match Layout::open(&args.archive, Access::Read) {
+        Ok(l) => Ok(l),
+        Err(crate::layout::LayoutError::NotALayout { .. }) => {
+            Layout::open(scratch, Access::Write).map_err(super::config_error)
+        }
+        Err(e) => Err(super::config_error(e)),
+    }
 }
