@@ -571,24 +571,23 @@ fn merge_index(
         entries.push(e);
     }
     // The ImageStream objects: this run's replace earlier ones.
-    let mut streams: BTreeMap<String, ImageStream> = BTreeMap::new();
+    let mut earlier = Vec::new();
     if let Some(d) = &previous.imagestreams {
         let bytes = std::fs::read(layout.blob_path(d)).map_err(|source| LayoutError::Io {
             op: "read ImageStream list",
             path: layout.blob_path(d),
             source,
         })?;
-        if let Ok(list) = imagestream::parse_list(&bytes, "archived ImageStream list") {
-            for is in list {
-                streams.insert(is.key(), is);
-            }
+        match imagestream::parse_list(&bytes, "archived ImageStream list") {
+            Ok(list) => earlier = list,
+            Err(e) => tracing::warn!("{e}; keeping only this run's ImageStream objects"),
         }
     }
-    for is in &plan.streams {
-        streams.insert(is.key(), is.clone());
+    let mut streams: BTreeMap<String, &ImageStream> = BTreeMap::new();
+    for is in earlier.iter().chain(plan.streams.iter()) {
+        streams.insert(is.key(), is);
     }
-    let list: Vec<ImageStream> = streams.into_values().collect();
-    let list_json = serde_json::to_vec(&imagestream::to_list(&list)).expect("list serializes");
+    let list_json = imagestream::list_json(streams.into_values());
     let list_digest = Digest::of(&list_json);
     layout.write_blob(&list_digest, &list_json)?;
 

@@ -311,8 +311,7 @@ fn plan(
             let (digest, data) = if kept.len() == streams.len() {
                 (d.clone(), bytes)
             } else {
-                let json =
-                    serde_json::to_vec(&imagestream::to_list(&kept)).expect("list serializes");
+                let json = imagestream::list_json(&kept);
                 (Digest::of(&json), json)
             };
             blobs.push(BlobInfo {

@@ -268,12 +268,6 @@ pub fn read_file(path: &Path) -> Result<Vec<ImageStream>, ImageStreamError> {
     parse_list(&data, &path.display().to_string())
 }
 
-/// The `List` JSON (`oc get is -o json` shape) for a set of streams, as a
-/// tree; [`list_json`] writes the same bytes without building it.
-pub fn to_list(streams: &[ImageStream]) -> Value {
-    serde_json::from_slice(&list_json(streams)).expect("a serialized list parses")
-}
-
 /// Serializes a set of streams as an `oc get is -o json` List, directly
 /// (no intermediate tree).
 pub fn list_json<'a>(streams: impl IntoIterator<Item = &'a ImageStream>) -> Vec<u8> {

@@ -508,7 +508,7 @@ fn merge(
                 }
             }
             let list: Vec<ImageStream> = streams.into_values().collect();
-            let json = serde_json::to_vec(&imagestream::to_list(&list)).expect("list serializes");
+            let json = imagestream::list_json(&list);
             let digest = Digest::of(&json);
             layout.write_blob(&digest, &json)?;
             Some(digest)

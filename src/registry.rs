@@ -264,6 +264,19 @@ impl RegistryClient {
         &self.host
     }
 
+    /// The reference of `repo` at a digest or tag, and its name for messages.
+    fn target(&self, repo: &str, digest_or_tag: &str) -> (Reference, String) {
+        let sep = if digest_or_tag.starts_with("sha256:") {
+            '@'
+        } else {
+            ':'
+        };
+        (
+            self.reference(repo, digest_or_tag),
+            format!("{}/{repo}{sep}{digest_or_tag}", self.host),
+        )
+    }
+
     fn reference(&self, repo: &str, digest_or_tag: &str) -> Reference {
         if digest_or_tag.starts_with("sha256:") {
             Reference::with_digest(
@@ -338,8 +351,7 @@ impl RegistryClient {
 
     /// Pulls a manifest by digest, verifying the bytes against the digest.
     pub async fn pull_manifest(&self, repo: &str, digest: &Digest) -> Result<Bytes, RegistryError> {
-        let reference = self.reference(repo, digest.as_str());
-        let what = format!("{}/{repo}@{digest}", self.host);
+        let (reference, what) = self.target(repo, digest.as_str());
         self.retry(
             "pull manifest",
             &what,
@@ -372,8 +384,7 @@ impl RegistryClient {
         size: Option<u64>,
         layout: &Layout,
     ) -> Result<u64, RegistryError> {
-        let reference = self.reference(repo, digest.as_str());
-        let what = format!("{}/{repo}@{digest}", self.host);
+        let (reference, what) = self.target(repo, digest.as_str());
         let desc = oci_client::manifest::OciDescriptor {
             digest: digest.to_string(),
             size: size.unwrap_or(0) as i64,
@@ -413,8 +424,7 @@ impl RegistryClient {
 
     /// True when the repository has the blob (HEAD).
     pub async fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<bool, RegistryError> {
-        let reference = self.reference(repo, digest.as_str());
-        let what = format!("{}/{repo}@{digest}", self.host);
+        let (reference, what) = self.target(repo, digest.as_str());
         self.retry(
             "check blob",
             &what,
@@ -460,8 +470,7 @@ impl RegistryClient {
         digest: &Digest,
         layout: &Layout,
     ) -> Result<u64, RegistryError> {
-        let reference = self.reference(repo, digest.as_str());
-        let what = format!("{}/{repo}@{digest}", self.host);
+        let (reference, what) = self.target(repo, digest.as_str());
         let path = layout.blob_path(digest);
         self.retry(
             "push blob",
@@ -507,8 +516,7 @@ impl RegistryClient {
         digest: &Digest,
         data: Bytes,
     ) -> Result<u64, RegistryError> {
-        let reference = self.reference(repo, digest.as_str());
-        let what = format!("{}/{repo}@{digest}", self.host);
+        let (reference, what) = self.target(repo, digest.as_str());
         let size = data.len() as u64;
         self.retry(
             "push blob",
@@ -544,8 +552,7 @@ impl RegistryClient {
     where
         S: futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
-        let reference = self.reference(repo, digest.as_str());
-        let what = format!("{}/{repo}@{digest}", self.host);
+        let (reference, what) = self.target(repo, digest.as_str());
         self.client
             .store_auth_if_needed(&self.host, &self.auth)
             .await;
@@ -583,13 +590,7 @@ impl RegistryClient {
         repo: &str,
         tag_or_digest: &str,
     ) -> Result<Option<Digest>, RegistryError> {
-        let reference = self.reference(repo, tag_or_digest);
-        let sep = if tag_or_digest.starts_with("sha256:") {
-            '@'
-        } else {
-            ':'
-        };
-        let what = format!("{}/{repo}{sep}{tag_or_digest}", self.host);
+        let (reference, what) = self.target(repo, tag_or_digest);
         let res = self
             .retry(
                 "resolve",
@@ -620,13 +621,7 @@ impl RegistryClient {
         body: Bytes,
         media_type: &str,
     ) -> Result<(), RegistryError> {
-        let reference = self.reference(repo, tag_or_digest);
-        let sep = if tag_or_digest.starts_with("sha256:") {
-            '@'
-        } else {
-            ':'
-        };
-        let what = format!("{}/{repo}{sep}{tag_or_digest}", self.host);
+        let (reference, what) = self.target(repo, tag_or_digest);
         let content_type = reqwest_header(media_type);
         self.retry(
             "push manifest",

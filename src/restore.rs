@@ -219,25 +219,33 @@ impl Pusher {
         }
     }
 
-    /// Records that `repo` holds `digest` (uploaded by a streaming restore,
-    /// `bytes` long, or found present when `bytes` is `None`): later
-    /// repositories mount it from there.
-    pub(crate) fn record_located(&self, repo: &str, digest: &Digest, bytes: Option<u64>) {
-        let cell = self
-            .located
+    /// Where `digest` is (or is being put) first in the target registry.
+    fn located_cell(&self, digest: &Digest) -> Arc<OnceCell<String>> {
+        self.located
             .lock()
             .expect("pusher lock")
             .entry(digest.clone())
             .or_default()
-            .clone();
-        let _ = cell.set(repo.to_string());
-        let done = self
-            .done
+            .clone()
+    }
+
+    /// The outcome of putting `digest` into `repo`, decided once.
+    fn done_cell(&self, repo: &str, digest: &Digest) -> Arc<OnceCell<BlobOutcome>> {
+        self.done
             .lock()
             .expect("pusher lock")
             .entry((repo.to_string(), digest.clone()))
             .or_default()
-            .clone();
+            .clone()
+    }
+
+    /// Records that `repo` holds `digest` (uploaded by a streaming restore,
+    /// `bytes` long, or found present when `bytes` is `None`): later
+    /// repositories mount it from there.
+    pub(crate) fn record_located(&self, repo: &str, digest: &Digest, bytes: Option<u64>) {
+        let cell = self.located_cell(digest);
+        let _ = cell.set(repo.to_string());
+        let done = self.done_cell(repo, digest);
         let _ = done.set(BlobOutcome::Present);
         if let Some(n) = bytes {
             self.streamed
@@ -248,25 +256,13 @@ impl Pusher {
     }
 
     async fn ensure_blob(&self, repo: &str, digest: &Digest) -> Result<BlobOutcome, RegistryError> {
-        let cell = self
-            .done
-            .lock()
-            .expect("pusher lock")
-            .entry((repo.to_string(), digest.clone()))
-            .or_default()
-            .clone();
+        let cell = self.done_cell(repo, digest);
         let mut fresh = false;
         let outcome = cell
             .get_or_try_init(|| async {
                 fresh = true;
                 if self.client.blob_exists(repo, digest).await? {
-                    let cell = self
-                        .located
-                        .lock()
-                        .expect("pusher lock")
-                        .entry(digest.clone())
-                        .or_default()
-                        .clone();
+                    let cell = self.located_cell(digest);
                     let _ = cell.set(repo.to_string());
                     return Ok(BlobOutcome::Present);
                 }
@@ -275,13 +271,7 @@ impl Pusher {
                 }
                 // The first repository to need a blob uploads it; the others
                 // wait for that and mount it, falling back to an upload.
-                let first = self
-                    .located
-                    .lock()
-                    .expect("pusher lock")
-                    .entry(digest.clone())
-                    .or_default()
-                    .clone();
+                let first = self.located_cell(digest);
                 let mut uploaded = None;
                 let from = first
                     .get_or_try_init(|| async {

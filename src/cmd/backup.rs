@@ -10,7 +10,7 @@ use crate::cli::BackupArgs;
 use crate::discovery::{self, DiscoveryOptions};
 use crate::layout::{Access, Layout};
 use crate::registry::{RegistryClient, RegistrySettings};
-use crate::report::{Report, RequestCounts};
+use crate::report::Report;
 
 /// Runs a backup.
 pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
@@ -127,21 +127,12 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "executed");
     backup::summarize(&plan, &mut report, args.dry_run);
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "summarized");
-    report.requests = RequestCounts::from_stats(&client.stats);
-    report.seconds = started.elapsed().as_secs_f64();
-    report
-        .emit(args.report.report.as_deref())
-        .context("writing the report")?;
-    tracing::info!(
-        images_new = report.totals.images_new,
-        images_skipped = report.totals.images_skipped,
-        images_failed = report.totals.images_failed,
-        bytes_new = report.totals.bytes_new,
-        seconds = report.seconds,
-        "backup {}",
-        if args.dry_run { "planned" } else { "done" }
-    );
-    Ok(report.exit_code())
+    super::finish(
+        report,
+        &client.stats,
+        started,
+        args.report.report.as_deref(),
+    )
 }
 
 /// Grows the archive's PVC before anything is downloaded, when the plan

@@ -140,19 +140,10 @@ pub(crate) async fn restore_from(
     crate::restore_stream::restore_from(reader, client, opts, &mut report)
         .await
         .with_context(|| format!("restoring from {}", from.display()))?;
-    report.requests = crate::report::RequestCounts::from_stats(&client.stats);
-    report.seconds = started.elapsed().as_secs_f64();
-    report
-        .emit(args.report.report.as_deref())
-        .context("writing the report")?;
-    tracing::info!(
-        images_pushed = report.totals.images_new,
-        images_skipped = report.totals.images_skipped,
-        images_failed = report.totals.images_failed,
-        bytes = report.totals.bytes_new,
-        seconds = report.seconds,
-        "restore from stream {}",
-        if args.dry_run { "planned" } else { "done" }
-    );
-    Ok(report.exit_code())
+    super::finish(
+        report,
+        &client.stats,
+        started,
+        args.report.report.as_deref(),
+    )
 }

@@ -47,3 +47,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Import(args) => tokio::task::spawn_blocking(move || export::import(args)).await?,
     }
 }
+
+/// Ends a backup or restore: counts the requests, writes the report (stdout
+/// or `--report FILE`), logs a summary line, and returns the exit code.
+pub(crate) fn finish(
+    mut report: crate::report::Report,
+    stats: &crate::registry::Stats,
+    started: std::time::Instant,
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<i32> {
+    use anyhow::Context;
+    report.requests = crate::report::RequestCounts::from_stats(stats);
+    report.seconds = started.elapsed().as_secs_f64();
+    report.emit(path).context("writing the report")?;
+    let t = &report.totals;
+    tracing::info!(
+        images_new = t.images_new,
+        images_skipped = t.images_skipped,
+        images_failed = t.images_failed,
+        bytes_new = t.bytes_new,
+        seconds = report.seconds,
+        "{} {}",
+        report.command,
+        if report.dry_run { "planned" } else { "done" }
+    );
+    Ok(report.exit_code())
+}

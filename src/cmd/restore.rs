@@ -9,7 +9,7 @@ use crate::apply::{self, ApplyOptions};
 use crate::cli::RestoreArgs;
 use crate::layout::{Access, Layout};
 use crate::registry::{RegistryClient, RegistrySettings};
-use crate::report::{Report, RequestCounts};
+use crate::report::Report;
 use crate::restore::{self, RestoreOptions};
 
 /// Runs a restore.
@@ -75,19 +75,10 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<i32> {
                 .filter_map(|a| a.message.clone().filter(|_| a.failed())),
         );
     }
-    report.requests = RequestCounts::from_stats(&client.stats);
-    report.seconds = started.elapsed().as_secs_f64();
-    report
-        .emit(args.report.report.as_deref())
-        .context("writing the report")?;
-    tracing::info!(
-        images_pushed = report.totals.images_new,
-        images_skipped = report.totals.images_skipped,
-        images_failed = report.totals.images_failed,
-        bytes = report.totals.bytes_new,
-        seconds = report.seconds,
-        "restore {}",
-        if args.dry_run { "planned" } else { "done" }
-    );
-    Ok(report.exit_code())
+    super::finish(
+        report,
+        &client.stats,
+        started,
+        args.report.report.as_deref(),
+    )
 }
