@@ -8,17 +8,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 fn backup_args(reg: &Registry, archive: &Path, list: &Path) -> Vec<String> {
-    let mut a = vec![
-        "backup".to_string(),
-        "--archive".into(),
-        archive.display().to_string(),
-        "--imagestreams-from".into(),
-        list.display().to_string(),
-        "--progress".into(),
-        "none".into(),
-    ];
-    a.extend(archiver_registry_flags(reg));
-    a
+    common::backup_args(archiver_registry_flags(reg), archive, list, &[])
 }
 
 fn index(archive: &Path) -> Value {

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{archiver_registry_flags, run, run_ok, seed, skopeo, tag_events, Registry};
+use common::{
+    archiver_registry_flags, head_digest, run, run_ok, seed, skopeo, tag_events, Registry,
+};
 use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -70,17 +72,6 @@ fn restore_from_args(from: &str, reg: &Registry) -> Vec<String> {
     ];
     a.extend(archiver_registry_flags(reg));
     a
-}
-
-fn head_digest(reg: &Registry, repo: &str, reference: &str) -> Option<String> {
-    let r = reg
-        .request(
-            "HEAD",
-            &format!("/v2/{repo}/manifests/{reference}"),
-            &[("Accept", common::MANIFEST_ACCEPT)],
-        )
-        .unwrap();
-    (r.status == 200).then(|| r.header("docker-content-digest").unwrap().to_string())
 }
 
 /// Every tag points at its archived current image, and every history image

@@ -10,20 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn backup_args(registry: &str, archive: &Path, list: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "backup".to_string(),
-        "--archive".into(),
-        archive.display().to_string(),
-        "--imagestreams-from".into(),
-        list.display().to_string(),
-        "--registry".into(),
-        registry.to_string(),
-        "--plain-http".into(),
-        "--progress".into(),
-        "none".into(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    common::backup_args(common::plain_registry(registry), archive, list, extra)
 }
 
 fn verify_ok(archive: &Path) {

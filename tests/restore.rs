@@ -3,7 +3,7 @@
 mod common;
 
 use common::proxy::Proxy;
-use common::{archiver_registry_flags, run, run_ok, seed, tag_events, Registry};
+use common::{archiver_registry_flags, head_digest, run, run_ok, seed, tag_events, Registry};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -50,17 +50,6 @@ fn restore_args(archive: &Path, registry: &str, extra: &[&str]) -> Vec<String> {
     ];
     a.extend(extra.iter().map(|s| s.to_string()));
     a
-}
-
-fn head_digest(reg: &Registry, repo: &str, reference: &str) -> Option<String> {
-    let r = reg
-        .request(
-            "HEAD",
-            &format!("/v2/{repo}/manifests/{reference}"),
-            &[("Accept", common::MANIFEST_ACCEPT)],
-        )
-        .unwrap();
-    (r.status == 200).then(|| r.header("docker-content-digest").unwrap().to_string())
 }
 
 fn writes(p: &Proxy) -> Vec<common::proxy::Record> {

@@ -235,3 +235,46 @@ pub fn tag_events(list: &serde_json::Value) -> Vec<(String, String, String, usiz
     }
     out
 }
+
+/// The digest a registry serves for `repo` at a tag or digest (HEAD), or
+/// `None` when it has nothing there.
+pub fn head_digest(reg: &Registry, repo: &str, reference: &str) -> Option<String> {
+    let r = reg
+        .request(
+            "HEAD",
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &[("Accept", MANIFEST_ACCEPT)],
+        )
+        .expect("HEAD manifest");
+    (r.status == 200).then(|| {
+        r.header("docker-content-digest")
+            .expect("Docker-Content-Digest header")
+            .to_string()
+    })
+}
+
+/// `--registry ADDR --plain-http`, for a proxy or plain registry address.
+pub fn plain_registry(addr: &str) -> Vec<String> {
+    vec!["--registry".into(), addr.into(), "--plain-http".into()]
+}
+
+/// The arguments of a quiet `backup` of `list` into `archive`.
+pub fn backup_args(
+    registry_flags: Vec<String>,
+    archive: &Path,
+    list: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a = vec![
+        "backup".to_string(),
+        "--archive".into(),
+        archive.display().to_string(),
+        "--imagestreams-from".into(),
+        list.display().to_string(),
+        "--progress".into(),
+        "none".into(),
+    ];
+    a.extend(registry_flags);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
