@@ -340,6 +340,9 @@ pub async fn execute(
     })
     .await;
     ticker.abort();
+    // One directory fsync for the whole batch, before any manifest that
+    // references these blobs is written.
+    layout.sync_blobs()?;
     let mut blob_failed: HashMap<Digest, String> = HashMap::new();
     for (digest, need, r) in results {
         match r {

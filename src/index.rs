@@ -273,7 +273,7 @@ impl ArchiveIndex {
             manifests,
             annotations,
         };
-        let mut out = serde_json::to_vec_pretty(&raw).expect("index serializes");
+        let mut out = serde_json::to_vec(&raw).expect("index serializes");
         out.push(b'\n');
         out
     }

@@ -27,7 +27,7 @@ pub const LOCK_FILE: &str = ".lock";
 /// Largest manifest or index the archiver will read into memory.
 pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 /// Largest `index.json` the archiver will read.
-const MAX_INDEX_SIZE: u64 = 1 << 30;
+const MAX_INDEX_SIZE: u64 = 16 << 30;
 
 /// Errors of the layout.
 #[derive(Debug, thiserror::Error)]
@@ -298,6 +298,12 @@ impl Layout {
         })
     }
 
+    /// Makes the renames of blobs finished with
+    /// [`BlobWriter::finish_deferring_dir_sync`] durable.
+    pub fn sync_blobs(&self) -> Result<(), LayoutError> {
+        sync_dir(&self.root.join("blobs").join("sha256"))
+    }
+
     /// Stores bytes held in memory as a verified blob.
     pub fn write_blob(&self, expected: &Digest, data: &[u8]) -> Result<(), LayoutError> {
         if self.has_blob(expected) {
@@ -457,7 +463,16 @@ impl BlobWriter {
     }
 
     /// Verifies size and digest, then makes the blob visible durably.
-    pub fn finish(mut self) -> Result<(), LayoutError> {
+    pub fn finish(self) -> Result<(), LayoutError> {
+        let dir = self.dir.clone();
+        self.finish_deferring_dir_sync()?;
+        sync_dir(&dir)
+    }
+
+    /// Like [`BlobWriter::finish`], but leaves the directory fsync to a
+    /// later [`Layout::sync_blobs`], which must run before anything that
+    /// references this blob is written (a batch of downloads shares one).
+    pub fn finish_deferring_dir_sync(mut self) -> Result<(), LayoutError> {
         if let Some(size) = self.expected_size {
             if self.written != size {
                 return Err(LayoutError::Mismatch {
@@ -480,7 +495,6 @@ impl BlobWriter {
         file.sync_all().map_err(io_err("fsync", &self.tmp))?;
         drop(file);
         fs::rename(&self.tmp, &self.target).map_err(io_err("rename", &self.target))?;
-        sync_dir(&self.dir)?;
         self.suspect
             .lock()
             .expect("suspect lock")

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use oci_client::client::BlobResponse;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
@@ -259,6 +260,17 @@ impl RegistryClient {
         }
     }
 
+    /// Hands the credentials to oci-client. Anonymous access is not stored:
+    /// a stored "anonymous" makes oci-client probe `/v2/` before every
+    /// request, since it never gets a token to cache.
+    async fn remember_auth(&self) {
+        if !matches!(self.auth, RegistryAuth::Anonymous) {
+            self.client
+                .store_auth_if_needed(&self.host, &self.auth)
+                .await;
+        }
+    }
+
     /// The registry host.
     pub fn host(&self) -> &str {
         &self.host
@@ -307,9 +319,7 @@ impl RegistryClient {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Attempt>>,
     {
-        self.client
-            .store_auth_if_needed(&self.host, &self.auth)
-            .await;
+        self.remember_auth().await;
         let mut reauthed = false;
         let mut attempt = 0;
         loop {
@@ -400,11 +410,25 @@ impl RegistryClient {
                     return Ok(0);
                 }
                 self.stats.blob_requests.fetch_add(1, Ordering::Relaxed);
-                let mut stream = self
-                    .client
-                    .pull_blob_stream(&reference, &desc)
-                    .await
-                    .map_err(Attempt::Oci)?;
+                // A ranged request from 0 is answered with an unverified
+                // stream: the blob writer hashes it once, instead of
+                // oci-client and the writer hashing it twice. A registry
+                // that ignores Range answers in full (verified twice).
+                let mut stream = match size {
+                    Some(n) if n > 0 => match self
+                        .client
+                        .pull_blob_stream_partial(&reference, &desc, 0, None)
+                        .await
+                        .map_err(Attempt::Oci)?
+                    {
+                        BlobResponse::Full(s) | BlobResponse::Partial(s) => s,
+                    },
+                    _ => self
+                        .client
+                        .pull_blob_stream(&reference, &desc)
+                        .await
+                        .map_err(Attempt::Oci)?,
+                };
                 let mut writer = layout.blob_writer(digest, size).map_err(Attempt::Layout)?;
                 while let Some(chunk) = stream.next().await {
                     let chunk =
@@ -412,10 +436,12 @@ impl RegistryClient {
                     self.stats
                         .bytes_in
                         .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    writer.write(&chunk).map_err(Attempt::Layout)?;
+                    blocking(|| writer.write(&chunk)).map_err(Attempt::Layout)?;
                 }
                 let n = writer.written();
-                writer.finish().map_err(Attempt::Layout)?;
+                // The directory is synced once after all downloads (before
+                // any manifest that references these blobs is written).
+                blocking(|| writer.finish_deferring_dir_sync()).map_err(Attempt::Layout)?;
                 Ok(n)
             },
         )
@@ -446,9 +472,7 @@ impl RegistryClient {
     pub async fn mount_blob(&self, repo: &str, from: &str, digest: &Digest) -> bool {
         let reference = self.reference(repo, digest.as_str());
         let source = self.reference(from, digest.as_str());
-        self.client
-            .store_auth_if_needed(&self.host, &self.auth)
-            .await;
+        self.remember_auth().await;
         self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
         match self
             .client
@@ -553,9 +577,7 @@ impl RegistryClient {
         S: futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
         let (reference, what) = self.target(repo, digest.as_str());
-        self.client
-            .store_auth_if_needed(&self.host, &self.auth)
-            .await;
+        self.remember_auth().await;
         self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
         let stats = self.stats.clone();
         let stream = chunks.map(move |r| {
@@ -638,6 +660,15 @@ impl RegistryClient {
             },
         )
         .await
+    }
+}
+
+/// Runs file I/O and hashing without stalling the other transfers on this
+/// executor thread (on a multi-threaded runtime).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
