@@ -274,11 +274,16 @@ async fn fetch_tree(
             .map_err(|e| (format!("{e:#}"), e.is_config()))?;
         let parsed = manifest::parse(&digest, &bytes, None).map_err(|e| (e.to_string(), false))?;
         for child in &parsed.children {
-            if &child.digest == top || seen.contains(&child.digest) {
+            if &child.digest == top {
                 return Err((
                     format!("index {digest} references {} again (loop)", child.digest),
                     false,
                 ));
+            }
+            // A child shared by two nested indexes is fetched once; deeper
+            // loops end at the depth limit.
+            if seen.contains(&child.digest) {
+                continue;
             }
             if all_children || !layout.has_blob(&child.digest) {
                 pending.push((child.digest.clone(), depth + 1));
@@ -339,7 +344,7 @@ pub async fn execute(
         }
     })
     .await;
-    ticker.abort();
+    transfer::stop_progress(ticker);
     // One directory fsync for the whole batch, before any manifest that
     // references these blobs is written.
     layout.sync_blobs()?;
@@ -546,6 +551,13 @@ fn merge_index(
             reference: r.docker_image_reference.clone(),
         });
     }
+    // Tags whose new image failed: nothing of theirs is pruned this run.
+    let failed_tags: HashSet<(&str, &str, &str)> = plan
+        .refs
+        .iter()
+        .filter(|r| plan.failed.contains_key(&r.digest))
+        .map(|r| (r.namespace.as_str(), r.stream.as_str(), r.tag.as_str()))
+        .collect();
     // Earlier entries: kept unless their stream was discovered and they are
     // in its status (then they were re-added above) or pruned.
     let previous = std::mem::take(&mut plan.previous);
@@ -555,7 +567,9 @@ fn merge_index(
             if current.contains(&(key.clone(), e.tag.clone(), e.digest.clone())) {
                 continue;
             }
-            if opts.prune_history && !opts.failed_namespaces.contains(&e.namespace) {
+            let tag_failed =
+                failed_tags.contains(&(e.namespace.as_str(), e.stream.as_str(), e.tag.as_str()));
+            if opts.prune_history && !tag_failed && !opts.failed_namespaces.contains(&e.namespace) {
                 report.pruned.push(Failure {
                     namespace: e.namespace.clone(),
                     imagestream: e.stream.clone(),

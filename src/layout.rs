@@ -389,7 +389,7 @@ impl Layout {
     }
 
     /// Writes a top-level file atomically (temp, fsync, rename, fsync dir).
-    fn write_file_atomic(&self, name: &str, data: &[u8]) -> Result<(), LayoutError> {
+    pub(crate) fn write_file_atomic(&self, name: &str, data: &[u8]) -> Result<(), LayoutError> {
         let target = self.root.join(name);
         let tmp = self
             .root

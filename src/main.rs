@@ -3,7 +3,7 @@
 use clap::Parser;
 use imagestream_archiver::cli::Cli;
 use imagestream_archiver::cmd::{self, Exit};
-use imagestream_archiver::report::{EXIT_INTERRUPTED, EXIT_PARTIAL};
+use imagestream_archiver::report::{EXIT_FAILED, EXIT_INTERRUPTED};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -24,7 +24,7 @@ fn main() {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    e.downcast_ref::<Exit>().map_or(EXIT_PARTIAL, |x| x.code)
+                    e.downcast_ref::<Exit>().map_or(EXIT_FAILED, |x| x.code)
                 }
             },
             _ = term.recv() => {

@@ -192,6 +192,10 @@ pub struct Stats {
 #[derive(Clone)]
 pub struct RegistryClient {
     client: Arc<Client>,
+    /// A second client, used once to ask the registry whether it wants
+    /// credentials at all (see [`RegistryClient::remember_auth`]).
+    probe: Arc<Client>,
+    prepared: Arc<tokio::sync::OnceCell<()>>,
     auth: RegistryAuth,
     host: String,
     attempts: u32,
@@ -220,55 +224,86 @@ impl RegistryClient {
     /// Creates a client.
     pub fn new(settings: &RegistrySettings) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let certs = settings
-            .ca_pem
-            .as_deref()
-            .map(split_pem)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|data| Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
-            })
-            .collect();
-        let config = ClientConfig {
-            protocol: if settings.plain_http {
-                ClientProtocol::Http
-            } else {
-                ClientProtocol::Https
-            },
-            accept_invalid_certificates: settings.insecure_skip_tls_verify,
-            use_monolithic_push: true,
-            extra_root_certificates: certs,
-            platform_resolver: None,
-            read_timeout: Some(Duration::from_secs(60)),
-            connect_timeout: Some(Duration::from_secs(15)),
-            user_agent: concat!("imagestream-archiver/", env!("CARGO_PKG_VERSION")),
-            ..Default::default()
-        };
         let auth = match &settings.credentials {
             Credentials::Anonymous => RegistryAuth::Anonymous,
             Credentials::Token(t) => RegistryAuth::Bearer(t.clone()),
             Credentials::Basic(u, p) => RegistryAuth::Basic(u.clone(), p.clone()),
         };
         RegistryClient {
-            client: Arc::new(Client::new(config)),
+            client: Arc::new(Client::new(client_config(settings))),
+            probe: Arc::new(Client::new(client_config(settings))),
+            prepared: Arc::default(),
             auth,
             host: settings.host.clone(),
             attempts: settings.attempts.max(1),
             stats: Arc::default(),
         }
     }
+}
 
-    /// Hands the credentials to oci-client. Anonymous access is not stored:
-    /// a stored "anonymous" makes oci-client probe `/v2/` before every
-    /// request, since it never gets a token to cache.
+fn client_config(settings: &RegistrySettings) -> ClientConfig {
+    let certs = settings
+        .ca_pem
+        .as_deref()
+        .map(split_pem)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|data| Certificate {
+            encoding: CertificateEncoding::Pem,
+            data,
+        })
+        .collect();
+    ClientConfig {
+        protocol: if settings.plain_http {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        accept_invalid_certificates: settings.insecure_skip_tls_verify,
+        use_monolithic_push: true,
+        extra_root_certificates: certs,
+        platform_resolver: None,
+        read_timeout: Some(Duration::from_secs(60)),
+        connect_timeout: Some(Duration::from_secs(15)),
+        user_agent: concat!("imagestream-archiver/", env!("CARGO_PKG_VERSION")),
+        ..Default::default()
+    }
+}
+
+impl RegistryClient {
+    /// Hands the credentials to oci-client, once.
+    ///
+    /// Anonymous access needs care: oci-client 0.18 caches tokens only, so
+    /// with "anonymous" stored it asks `/v2/` for a challenge before every
+    /// single request. One probe (on a separate client) tells whether the
+    /// registry wants credentials at all; when it sends no challenge, an
+    /// empty static token is stored instead, which oci-client uses without
+    /// probing and such a registry ignores. A registry that does challenge
+    /// (anonymous token flows) keeps the normal anonymous path.
     async fn remember_auth(&self) {
-        if !matches!(self.auth, RegistryAuth::Anonymous) {
-            self.client
-                .store_auth_if_needed(&self.host, &self.auth)
-                .await;
-        }
+        self.prepared
+            .get_or_init(|| async {
+                let auth = match &self.auth {
+                    RegistryAuth::Anonymous => {
+                        let any = Reference::with_tag(
+                            self.host.clone(),
+                            "v2-probe".into(),
+                            "latest".into(),
+                        );
+                        match self
+                            .probe
+                            .auth(&any, &RegistryAuth::Anonymous, RegistryOperation::Pull)
+                            .await
+                        {
+                            Ok(None) => RegistryAuth::Bearer(String::new()),
+                            _ => RegistryAuth::Anonymous,
+                        }
+                    }
+                    other => other.clone(),
+                };
+                self.client.store_auth_if_needed(&self.host, &auth).await;
+            })
+            .await;
     }
 
     /// The registry host.

@@ -12,6 +12,9 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_PARTIAL: i32 = 1;
 /// Exit code: configuration, auth or permission error; nothing done.
 pub const EXIT_CONFIG: i32 = 2;
+/// Exit code: the run failed as a whole (a full disk, a broken stream)
+/// before committing anything; the archive keeps its last committed state.
+pub const EXIT_FAILED: i32 = 3;
 /// Exit code: stopped by SIGTERM/SIGINT; nothing half-written is visible.
 pub const EXIT_INTERRUPTED: i32 = 130;
 

@@ -36,6 +36,8 @@ pub struct RestoreOptions {
     pub dry_run: bool,
     /// Parallel tags.
     pub jobs: usize,
+    /// Show progress on stderr.
+    pub progress: bool,
 }
 
 /// Parses `OLD=NEW` pairs.
@@ -81,26 +83,51 @@ impl Unit {
 }
 
 /// Selects and groups the entries to restore.
-pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> Vec<Unit> {
+/// Selects and groups the entries to restore. Two archived streams that
+/// `--map-namespace` would land on the same target stream are not merged:
+/// the one already in that namespace (or the first mapped) wins, the other is
+/// left out and named in the returned problems.
+pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> (Vec<Unit>, Vec<String>) {
     let mut by_tag: BTreeMap<(String, String, String), Vec<Entry>> = BTreeMap::new();
-    for e in entries {
+    // target ns/name -> the archived namespace it comes from
+    let mut source_of: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut problems = std::collections::BTreeSet::new();
+    let target = |ns: &str| {
+        opts.map_namespaces
+            .get(ns)
+            .cloned()
+            .unwrap_or_else(|| ns.to_string())
+    };
+    // Unmapped namespaces claim their own names first.
+    let mut ordered: Vec<&Entry> = entries.iter().collect();
+    ordered.sort_by_key(|e| opts.map_namespaces.contains_key(&e.namespace));
+    for e in ordered {
         if !opts.namespaces.is_empty() && !opts.namespaces.contains(&e.namespace) {
             continue;
         }
         if !opts.imagestreams.is_empty() && !opts.imagestreams.contains(&e.stream_key()) {
             continue;
         }
-        let ns = opts
-            .map_namespaces
-            .get(&e.namespace)
-            .cloned()
-            .unwrap_or_else(|| e.namespace.clone());
+        let ns = target(&e.namespace);
+        let source = source_of
+            .entry((ns.clone(), e.stream.clone()))
+            .or_insert_with(|| e.namespace.clone());
+        if *source != e.namespace {
+            problems.insert(format!(
+                "{} is not restored: --map-namespace would put it on {ns}/{}, which {}/{} restores",
+                e.stream_key(),
+                e.stream,
+                source,
+                e.stream
+            ));
+            continue;
+        }
         by_tag
             .entry((ns, e.stream.clone(), e.tag.clone()))
             .or_default()
             .push(e.clone());
     }
-    by_tag
+    let units = by_tag
         .into_iter()
         .map(|((ns, stream, tag), mut events)| {
             events.sort_by(|a, b| b.position.cmp(&a.position));
@@ -111,7 +138,8 @@ pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> Vec<Unit> {
                 events,
             }
         })
-        .collect()
+        .collect();
+    (units, problems.into_iter().collect())
 }
 
 /// What happened to one tag.
@@ -428,7 +456,8 @@ pub async fn restore(
     report: &mut Report,
 ) -> Result<(), crate::layout::LayoutError> {
     let index = layout.read_index()?;
-    let units = units(&index.entries, opts);
+    let (units, problems) = units(&index.entries, opts);
+    report.problems.extend(problems);
     tracing::info!(tags = units.len(), dry_run = opts.dry_run, "restoring");
     let pusher = Arc::new(Pusher::new(client, Source::Layout(layout), opts.dry_run));
     run_units(pusher, units, opts, report).await;
@@ -444,14 +473,28 @@ pub(crate) async fn run_units(
     report: &mut Report,
 ) {
     let overwrite = opts.overwrite;
+    let progress = Arc::new(transfer::Progress::default());
+    let ticker = transfer::report_progress(
+        "restore (tags)",
+        progress.clone(),
+        units.len() as u64,
+        0,
+        std::time::Duration::from_secs(10),
+        opts.progress,
+    );
     let results = transfer::bounded(units.clone(), opts.jobs.max(1), |unit: Unit| {
         let pusher = pusher.clone();
+        let progress = progress.clone();
         async move {
             let r = pusher.restore_unit(&unit, overwrite).await;
+            progress
+                .items
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             (unit, r)
         }
     })
     .await;
+    transfer::stop_progress(ticker);
     let mut images = std::collections::HashSet::new();
     for (unit, r) in results {
         let s: &mut StreamReport = report.imagestreams.entry(unit.repo()).or_default();
@@ -496,5 +539,39 @@ mod tests {
         assert!(parse_namespace_map(&["A=b".into()]).is_err());
         assert!(parse_namespace_map(&["a=b".into(), "a=c".into()]).is_err());
         assert!(parse_namespace_map(&["a=../x".into()]).is_err());
+    }
+
+    #[test]
+    fn mapped_streams_never_merge() {
+        let e = |ns: &str, pos| Entry {
+            namespace: ns.into(),
+            stream: "app".into(),
+            tag: "latest".into(),
+            position: pos,
+            digest: Digest::of(ns.as_bytes()),
+            media_type: crate::manifest::OCI_MANIFEST.into(),
+            size: 1,
+            created: String::new(),
+            reference: String::new(),
+        };
+        let entries = vec![e("a", 0), e("b", 0), e("c", 0)];
+        let opts = RestoreOptions {
+            map_namespaces: parse_namespace_map(&["a=b".into(), "c=d".into()]).unwrap(),
+            ..Default::default()
+        };
+        let (units, problems) = units(&entries, &opts);
+        assert_eq!(units.len(), 2, "{units:?}");
+        assert!(units.iter().all(|u| u.events.len() == 1));
+        assert_eq!(
+            units
+                .iter()
+                .find(|u| u.target_namespace == "b")
+                .unwrap()
+                .events[0]
+                .namespace,
+            "b"
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("a/app"), "{problems:?}");
     }
 }

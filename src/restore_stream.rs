@@ -248,7 +248,8 @@ pub async fn restore_from<R: Read + Send + 'static>(
         index.ok_or_else(|| ImportError::Incomplete("no index.json in the stream".into()))?;
     images.failed = std::mem::take(&mut *failed.lock().expect("lock"));
 
-    let units = restore::units(&index.entries, opts);
+    let (units, problems) = restore::units(&index.entries, opts);
+    report.problems.extend(problems);
     tracing::info!(
         tags = units.len(),
         dry_run = opts.dry_run,

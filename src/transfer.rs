@@ -36,7 +36,9 @@ pub struct Progress {
     pub items: AtomicU64,
 }
 
-/// Logs progress every `every` until the returned guard is dropped.
+/// Shows progress until the returned task is aborted: a live line on a
+/// terminal (every half second), a log line every `every` otherwise (a Job's
+/// log). `total_bytes` 0 shows items only.
 pub fn report_progress(
     what: &'static str,
     progress: Arc<Progress>,
@@ -45,24 +47,50 @@ pub fn report_progress(
     every: Duration,
     enabled: bool,
 ) -> tokio::task::JoinHandle<()> {
+    let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tokio::spawn(async move {
-        if !enabled {
+        if !enabled || total_items == 0 {
             return;
         }
         let start = Instant::now();
+        let tick = if live {
+            Duration::from_millis(500)
+        } else {
+            every
+        };
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(tick).await;
             let bytes = progress.bytes.load(Ordering::Relaxed);
             let items = progress.items.load(Ordering::Relaxed);
             let secs = start.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(
-                "{what}: {items}/{total_items} items, {} / {} ({:.1} MiB/s)",
-                human_bytes(bytes),
-                human_bytes(total_bytes),
-                bytes as f64 / secs / 1048576.0
-            );
+            let line = if total_bytes == 0 {
+                format!("{what}: {items}/{total_items}")
+            } else {
+                format!(
+                    "{what}: {items}/{total_items}, {} / {} ({:.1} MiB/s)",
+                    human_bytes(bytes),
+                    human_bytes(total_bytes),
+                    bytes as f64 / secs / 1048576.0
+                )
+            };
+            if live {
+                use std::io::Write;
+                let mut err = std::io::stderr().lock();
+                let _ = write!(err, "\r\x1b[2K{line}");
+                let _ = err.flush();
+            } else {
+                tracing::info!("{line}");
+            }
         }
     })
+}
+
+/// Stops a progress display, ending its live line.
+pub fn stop_progress(task: tokio::task::JoinHandle<()>) {
+    task.abort();
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprint!("\r\x1b[2K");
+    }
 }
 
 /// `1.5 GiB`-style sizes.

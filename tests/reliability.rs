@@ -446,7 +446,8 @@ fn gc_respects_grace_and_never_deletes_referenced_blobs() {
         all_blobs + 1
     );
 
-    // Age the blobs: past the grace period only unreferenced ones go.
+    // The grace period counts from when gc first saw a blob unreferenced,
+    // not from its mtime: old files dropped by the last commit are kept.
     let old = std::time::SystemTime::now() - Duration::from_secs(48 * 3600);
     for e in std::fs::read_dir(archive.join("blobs/sha256")).unwrap() {
         let f = std::fs::File::options()
@@ -455,6 +456,17 @@ fn gc_respects_grace_and_never_deletes_referenced_blobs() {
             .unwrap();
         f.set_modified(old).unwrap();
     }
+    let g = run_ok(0, ["gc", "--archive", archive.to_str().unwrap()]).json();
+    assert_eq!(g["deleted_blobs"].as_array().unwrap().len(), 0, "{g}");
+    // A day and more later (the recorded times moved back), they go.
+    let state_path = archive.join(".gc-state.json");
+    let mut state: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&read(&state_path)).unwrap();
+    assert_eq!(state.len(), would, "every unreferenced blob is recorded");
+    for v in state.values_mut() {
+        *v = serde_json::json!(v.as_u64().unwrap() - 48 * 3600);
+    }
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
     let g = run_ok(0, ["gc", "--archive", archive.to_str().unwrap()]).json();
     assert_eq!(g["deleted_blobs"].as_array().unwrap().len(), would);
     assert!(g["bytes_freed"].as_u64().unwrap() > 0);

@@ -117,22 +117,33 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
     if let Some(pvc) = &args.pvc {
         ensure_room(&args, pvc, plan.bytes_to_fetch()).await?;
     }
+    let mut failure = None;
     if !args.dry_run {
         let to_fetch = plan.bytes_to_fetch();
-        backup::execute(layout.clone(), &client, &mut plan, &opts, &mut report)
+        if let Err(e) = backup::execute(layout.clone(), &client, &mut plan, &opts, &mut report)
             .await
             .map_err(|e| explain_full_volume(e, &args.archive, to_fetch))
-            .with_context(|| format!("backing up into {}", args.archive.display()))?;
+            .with_context(|| format!("backing up into {}", args.archive.display()))
+        {
+            // Still write the report (K8up keeps stdout): it says that
+            // nothing was committed, and why.
+            report.committed = false;
+            report.problems.push(format!("{e:#}"));
+            failure = Some(e);
+        }
     }
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "executed");
     backup::summarize(&plan, &mut report, args.dry_run);
-    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "summarized");
-    super::finish(
+    let code = super::finish(
         report,
         &client.stats,
         started,
         args.report.report.as_deref(),
-    )
+    )?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(code),
+    }
 }
 
 /// Grows the archive's PVC before anything is downloaded, when the plan

@@ -33,6 +33,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<i32> {
         overwrite: args.overwrite,
         dry_run: args.dry_run,
         jobs: args.registry.jobs as usize,
+        progress: super::progress_enabled(args.report.progress),
     };
     let Some(archive) = &args.archive else {
         return super::export::restore_from(&args, &client, &settings.host, &opts, started).await;
