@@ -1,7 +1,9 @@
 //! `import`: unpack an exported `.tar.zst` stream into an archive (new or
 //! existing), verifying every blob while it streams, and commit the merged
 //! `index.json` only once everything arrived and every incoming image's
-//! closure is present.
+//! closure is present. A manifest or index that arrives before what it
+//! references is held in memory and written only once all of that is
+//! present, so the closure invariant holds for a stream in any order.
 //!
 //! The stream reader ([`read_stream`]) is shared with `restore --from`: it
 //! decodes zstd (frame checksums), walks the tar structure, refuses any
@@ -23,7 +25,8 @@ use crate::digest::Digest;
 use crate::export::{BlobList, BLOB_LIST};
 use crate::imagestream::{self, ImageStream};
 use crate::index::{ArchiveIndex, Entry};
-use crate::layout::{Layout, LayoutError};
+use crate::layout::{Layout, LayoutError, MAX_MANIFEST_SIZE};
+use crate::manifest;
 
 /// Largest `index.json` or blob list read from a stream.
 const MAX_METADATA_SIZE: u64 = 256 * 1024 * 1024;
@@ -360,6 +363,8 @@ pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImportStats, Import
     let mut incoming: Option<ArchiveIndex> = None;
     let mut announced: Option<BlobList> = None;
     let mut received: HashSet<Digest> = HashSet::new();
+    let mut listed_manifests: HashSet<Digest> = HashSet::new();
+    let mut held = Held::default();
     let totals = read_stream(reader, |member, r, size| {
         match member {
             Member::OciLayout => {
@@ -382,30 +387,55 @@ pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImportStats, Import
             }
             Member::BlobList => {
                 let data = read_small(r, size, MAX_METADATA_SIZE, BLOB_LIST)?;
-                announced = Some(parse_blob_list(&data)?);
+                let list = parse_blob_list(&data)?;
+                listed_manifests.extend(
+                    list.blobs
+                        .iter()
+                        .filter(|b| b.media_type.is_some())
+                        .map(|b| b.digest.clone()),
+                );
+                announced = Some(list);
             }
             Member::Blob(digest) => {
                 stats.blobs_received += 1;
-                if layout.has_blob(&digest) {
+                if layout.has_blob(&digest) || held.contains(&digest) {
                     drain_verify(r, &digest, size)?;
                     stats.blobs_present += 1;
+                } else if size <= MAX_MANIFEST_SIZE {
+                    // Small enough to be a manifest: look into it before
+                    // it becomes visible.
+                    let data = read_small(r, size, MAX_MANIFEST_SIZE, &format!("blob {digest}"))?;
+                    let refs = match manifest::parse(&digest, &data, None) {
+                        Ok(p) => {
+                            let mut refs: Vec<Digest> = p
+                                .children
+                                .into_iter()
+                                .chain(p.blobs)
+                                .map(|r| r.digest)
+                                .collect();
+                            refs.sort();
+                            refs.dedup();
+                            refs
+                        }
+                        // Not a manifest we can read: a plain blob.
+                        Err(_) => Vec::new(),
+                    };
+                    held.arrived(layout, digest.clone(), data, refs, &mut stats)?;
+                } else if listed_manifests.contains(&digest) {
+                    return Err(ImportError::Metadata {
+                        file: BLOB_LIST.into(),
+                        reason: format!(
+                            "blob {digest} is listed as a manifest but has {size} bytes, \
+                             over the {MAX_MANIFEST_SIZE} allowed"
+                        ),
+                    });
                 } else {
-                    layout.write_blob_from(&digest, Some(size), r).map_err(
-                        |source| match source {
-                            LayoutError::Mismatch { expected, reason } => {
-                                ImportError::BlobMismatch {
-                                    digest: expected,
-                                    reason,
-                                }
-                            }
-                            source => ImportError::Write {
-                                digest: digest.clone(),
-                                source,
-                            },
-                        },
-                    )?;
+                    layout
+                        .write_blob_from(&digest, Some(size), r)
+                        .map_err(write_error(&digest))?;
                     stats.blobs_new += 1;
                     stats.bytes_new += size;
+                    held.present(layout, digest.clone(), &mut stats)?;
                 }
                 received.insert(digest);
             }
@@ -414,6 +444,7 @@ pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImportStats, Import
     })?;
     stats.stream_bytes = totals.stream_bytes;
     stats.tar_bytes = totals.tar_bytes;
+    held.finish(layout, &mut stats)?;
     let incoming =
         incoming.ok_or_else(|| ImportError::Incomplete("no index.json in the stream".into()))?;
     if let Some(list) = &announced {
@@ -452,26 +483,241 @@ pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImportStats, Import
     Ok(stats)
 }
 
-/// Merges the incoming index into the existing one: the same
-/// namespace/stream/tag/position is taken from the incoming one, and so are
-/// ImageStreams of the same namespace/name (a new List blob is written).
+/// Maps a blob writer's failure to the import's error.
+fn write_error(digest: &Digest) -> impl Fn(LayoutError) -> ImportError + '_ {
+    move |source| match source {
+        LayoutError::Mismatch { expected, reason } => ImportError::BlobMismatch {
+            digest: expected,
+            reason,
+        },
+        source => ImportError::Write {
+            digest: digest.clone(),
+            source,
+        },
+    }
+}
+
+/// A manifest that arrived before some blob it references.
+struct HeldManifest {
+    /// Its verified bytes (at most 4 MiB).
+    data: Vec<u8>,
+    /// Everything it references (blobs and child manifests), deduplicated.
+    refs: Vec<Digest>,
+    /// How many of `refs` are not present yet.
+    missing: usize,
+}
+
+/// Keeps the closure invariant for streams in any order: a manifest (or
+/// index) whose references are not all present stays in memory, and is
+/// written the moment its last reference is.
+#[derive(Default)]
+struct Held {
+    /// Held manifests by digest.
+    manifests: std::collections::HashMap<Digest, HeldManifest>,
+    /// Missing digest -> held manifests waiting for it.
+    waiting: std::collections::HashMap<Digest, Vec<Digest>>,
+}
+
+impl Held {
+    fn contains(&self, digest: &Digest) -> bool {
+        self.manifests.contains_key(digest)
+    }
+
+    /// A small blob arrived whole (`refs` empty unless it is a manifest):
+    /// written now if everything it references is present, else held.
+    fn arrived(
+        &mut self,
+        layout: &Layout,
+        digest: Digest,
+        data: Vec<u8>,
+        refs: Vec<Digest>,
+        stats: &mut ImportStats,
+    ) -> Result<(), ImportError> {
+        let missing: Vec<&Digest> = refs.iter().filter(|d| !layout.has_blob(d)).collect();
+        if missing.is_empty() {
+            self.write(layout, &digest, &data, stats)?;
+            return self.present(layout, digest, stats);
+        }
+        // Only verified bytes are held.
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(&data);
+        verify_hash(&digest, data.len() as u64, data.len() as u64, hasher)?;
+        for d in &missing {
+            self.waiting
+                .entry((*d).clone())
+                .or_default()
+                .push(digest.clone());
+        }
+        let missing = missing.len();
+        self.manifests.insert(
+            digest,
+            HeldManifest {
+                data,
+                refs,
+                missing,
+            },
+        );
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        layout: &Layout,
+        digest: &Digest,
+        data: &[u8],
+        stats: &mut ImportStats,
+    ) -> Result<(), ImportError> {
+        layout
+            .write_blob(digest, data)
+            .map_err(write_error(digest))?;
+        stats.blobs_new += 1;
+        stats.bytes_new += data.len() as u64;
+        Ok(())
+    }
+
+    /// `digest` is now present: writes every held manifest that waited only
+    /// for it, and so on up (children before their index).
+    fn present(
+        &mut self,
+        layout: &Layout,
+        digest: Digest,
+        stats: &mut ImportStats,
+    ) -> Result<(), ImportError> {
+        if self.waiting.is_empty() {
+            return Ok(());
+        }
+        let mut queue = vec![digest];
+        while let Some(d) = queue.pop() {
+            for w in self.waiting.remove(&d).unwrap_or_default() {
+                let Some(h) = self.manifests.get_mut(&w) else {
+                    continue;
+                };
+                h.missing -= 1;
+                if h.missing == 0 {
+                    let h = self.manifests.remove(&w).expect("held");
+                    self.write(layout, &w, &h.data, stats)?;
+                    queue.push(w);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of the stream: writes what became complete (children
+    /// first); fails naming every manifest whose references never arrived.
+    fn finish(&mut self, layout: &Layout, stats: &mut ImportStats) -> Result<(), ImportError> {
+        loop {
+            let ready: Vec<Digest> = self
+                .manifests
+                .iter()
+                .filter(|(_, h)| h.refs.iter().all(|r| layout.has_blob(r)))
+                .map(|(d, _)| d.clone())
+                .collect();
+            if ready.is_empty() {
+                break;
+            }
+            for d in ready {
+                let h = self.manifests.remove(&d).expect("held");
+                self.write(layout, &d, &h.data, stats)?;
+            }
+        }
+        if self.manifests.is_empty() {
+            return Ok(());
+        }
+        let mut incomplete: Vec<(&Digest, &HeldManifest)> = self.manifests.iter().collect();
+        incomplete.sort_by(|a, b| a.0.cmp(b.0));
+        let shown: Vec<String> = incomplete
+            .iter()
+            .take(5)
+            .map(|(d, h)| {
+                let missing: Vec<String> = h
+                    .refs
+                    .iter()
+                    .filter(|r| !layout.has_blob(r))
+                    .take(3)
+                    .map(|r| r.to_string())
+                    .collect();
+                format!(
+                    "manifest {d} was not written: it references {} that never arrived",
+                    missing.join(", ")
+                )
+            })
+            .collect();
+        let more = match incomplete.len() {
+            n if n > 5 => format!(" (and {} more incomplete manifests)", n - 5),
+            _ => String::new(),
+        };
+        Err(ImportError::Incomplete(format!(
+            "{}{more}",
+            shown.join("; ")
+        )))
+    }
+}
+
+/// Merges the history of one tag (`existing` and `incoming`, each ordered by
+/// position) without ever losing or duplicating an archived image:
+///
+/// - normally the incoming events come first, in their order, followed by
+///   the existing events whose digest is not among the incoming ones, in
+///   their order (the incoming history is newer or equal);
+/// - but when the existing current image (position 0) is not among the
+///   incoming events and the incoming current image is an existing history
+///   item (the incoming history is older), the existing events come first,
+///   followed by the incoming events whose digest is not among them.
+///
+/// Positions are then renumbered 0..n.
+fn merge_tag(existing: Vec<Entry>, incoming: Vec<Entry>) -> Vec<Entry> {
+    let older = match (existing.first(), incoming.first()) {
+        (Some(e0), Some(i0)) => {
+            !incoming.iter().any(|i| i.digest == e0.digest)
+                && existing[1..].iter().any(|e| e.digest == i0.digest)
+        }
+        _ => false,
+    };
+    let (first, second) = if older {
+        (existing, incoming)
+    } else {
+        (incoming, existing)
+    };
+    let known: HashSet<Digest> = first.iter().map(|e| e.digest.clone()).collect();
+    let mut out = first;
+    out.extend(second.into_iter().filter(|e| !known.contains(&e.digest)));
+    for (i, e) in out.iter_mut().enumerate() {
+        e.position = i;
+    }
+    out
+}
+
+/// Merges the entries of two indexes tag by tag ([`merge_tag`]).
+fn merge_entries(existing: Vec<Entry>, incoming: Vec<Entry>) -> Vec<Entry> {
+    type Tag = (String, String, String);
+    let mut tags: BTreeMap<Tag, (Vec<Entry>, Vec<Entry>)> = BTreeMap::new();
+    let key = |e: &Entry| (e.namespace.clone(), e.stream.clone(), e.tag.clone());
+    for e in existing {
+        tags.entry(key(&e)).or_default().0.push(e);
+    }
+    for e in incoming {
+        tags.entry(key(&e)).or_default().1.push(e);
+    }
+    let mut out = Vec::new();
+    for (_, (mut old, mut new)) in tags {
+        old.sort_by_key(|e| e.position);
+        new.sort_by_key(|e| e.position);
+        out.extend(merge_tag(old, new));
+    }
+    out
+}
+
+/// Merges the incoming index into the existing one: tag histories as
+/// [`merge_tag`] says, descriptors of other tools by union, and ImageStreams
+/// of the same namespace/name taken from the incoming one (a new List blob
+/// is written).
 fn merge(
     layout: &Layout,
     existing: ArchiveIndex,
     incoming: ArchiveIndex,
 ) -> Result<ArchiveIndex, ImportError> {
-    let mut entries: BTreeMap<(String, String, String, usize), Entry> = BTreeMap::new();
-    for e in existing.entries.into_iter().chain(incoming.entries) {
-        entries.insert(
-            (
-                e.namespace.clone(),
-                e.stream.clone(),
-                e.tag.clone(),
-                e.position,
-            ),
-            e,
-        );
-    }
+    let entries = merge_entries(existing.entries, incoming.entries);
     let mut foreign = existing.foreign;
     for f in incoming.foreign {
         if !foreign.contains(&f) {
@@ -515,7 +761,7 @@ fn merge(
         }
     };
     let mut index = ArchiveIndex {
-        entries: entries.into_values().collect(),
+        entries,
         imagestreams,
         foreign,
     };
@@ -677,6 +923,219 @@ mod tests {
         let err = import(stream(&[], true).as_slice(), &layout).unwrap_err();
         assert!(err.to_string().contains("no index.json"), "{err}");
         assert!(!dir.path().join("index.json").exists());
+    }
+
+    fn image(layer: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","n":{}}}"#,
+            layer.len()
+        );
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+            crate::manifest::OCI_MANIFEST,
+            Digest::of(config.as_bytes()),
+            config.len(),
+            Digest::of(layer),
+            layer.len()
+        );
+        (m.into_bytes(), config.into_bytes(), layer.to_vec())
+    }
+
+    fn blob_path(data: &[u8]) -> String {
+        format!("blobs/sha256/{}", Digest::of(data).hex())
+    }
+
+    fn index_of(tags: &[(&str, &[u8])]) -> Vec<u8> {
+        ArchiveIndex {
+            entries: tags
+                .iter()
+                .map(|(tag, m)| Entry {
+                    namespace: "ns".into(),
+                    stream: "app".into(),
+                    tag: (*tag).into(),
+                    position: 0,
+                    digest: Digest::of(m),
+                    media_type: crate::manifest::OCI_MANIFEST.into(),
+                    size: m.len() as u64,
+                    created: String::new(),
+                    reference: String::new(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+        .to_json()
+    }
+
+    #[test]
+    fn manifests_before_their_blobs_wait_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path(), Access::Write).unwrap();
+        let (m, config, layer) = image(b"layer one");
+        let list = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{{"mediaType":"{}","digest":"{}","size":{}}}]}}"#,
+            crate::manifest::OCI_INDEX,
+            crate::manifest::OCI_MANIFEST,
+            Digest::of(&m),
+            m.len()
+        )
+        .into_bytes();
+        let idx = index_of(&[("v1", &m), ("multi", &list)]);
+        // Index first, then its child, then the child's blobs.
+        let s = stream(
+            &[
+                ("index.json", &idx),
+                (&blob_path(&list), &list),
+                (&blob_path(&m), &m),
+                (&blob_path(&config), &config),
+                (&blob_path(&layer), &layer),
+            ],
+            true,
+        );
+        let stats = import(s.as_slice(), &layout).unwrap();
+        assert!(stats.committed);
+        assert_eq!(stats.blobs_new, 4);
+        for d in [&list, &m, &config, &layer] {
+            assert!(layout.has_blob(&Digest::of(d)));
+        }
+    }
+
+    #[test]
+    fn manifest_whose_blob_never_arrives_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path(), Access::Write).unwrap();
+        let (m, config, _layer) = image(b"layer two");
+        let (ok, ok_config, ok_layer) = image(b"complete");
+        let idx = index_of(&[("broken", &m), ("fine", &ok)]);
+        let s = stream(
+            &[
+                ("index.json", &idx),
+                (&blob_path(&m), &m),
+                (&blob_path(&ok), &ok),
+                (&blob_path(&config), &config),
+                (&blob_path(&ok_config), &ok_config),
+                (&blob_path(&ok_layer), &ok_layer),
+            ],
+            true,
+        );
+        let err = import(s.as_slice(), &layout).unwrap_err();
+        assert!(matches!(err, ImportError::Incomplete(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("manifest {} was not written", Digest::of(&m))),
+            "{err}"
+        );
+        assert!(!layout.has_blob(&Digest::of(&m)));
+        // The complete image was written (it is complete), nothing committed.
+        assert!(layout.has_blob(&Digest::of(&ok)));
+        assert!(!dir.path().join("index.json").exists());
+    }
+
+    fn ev(tag: &str, position: usize, image: &str) -> Entry {
+        Entry {
+            namespace: "ns".into(),
+            stream: "app".into(),
+            tag: tag.into(),
+            position,
+            digest: Digest::of(image.as_bytes()),
+            media_type: crate::manifest::OCI_MANIFEST.into(),
+            size: 1,
+            created: format!("created {image}"),
+            reference: String::new(),
+        }
+    }
+
+    fn history(entries: &[Entry], tag: &str) -> Vec<(usize, Digest)> {
+        entries
+            .iter()
+            .filter(|e| e.tag == tag)
+            .map(|e| (e.position, e.digest.clone()))
+            .collect()
+    }
+
+    fn expect(images: &[&str]) -> Vec<(usize, Digest)> {
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (i, Digest::of(x.as_bytes())))
+            .collect()
+    }
+
+    #[test]
+    fn merge_keeps_history_when_incoming_is_older() {
+        let existing = vec![
+            ev("latest", 0, "X"),
+            ev("latest", 1, "W"),
+            ev("latest", 2, "V"),
+        ];
+        let incoming = vec![ev("latest", 0, "W"), ev("latest", 1, "V")];
+        let merged = merge_entries(existing, incoming);
+        assert_eq!(history(&merged, "latest"), expect(&["X", "W", "V"]));
+        // Older incoming with an image the archive did not know: appended.
+        let existing = vec![ev("latest", 0, "X"), ev("latest", 1, "W")];
+        let incoming = vec![ev("latest", 0, "W"), ev("latest", 1, "U")];
+        let merged = merge_entries(existing, incoming);
+        assert_eq!(history(&merged, "latest"), expect(&["X", "W", "U"]));
+    }
+
+    #[test]
+    fn merge_takes_newer_incoming_first() {
+        let existing = vec![ev("latest", 0, "W"), ev("latest", 1, "V")];
+        let incoming = vec![
+            ev("latest", 0, "X"),
+            ev("latest", 1, "W"),
+            ev("latest", 2, "V"),
+        ];
+        let merged = merge_entries(existing, incoming.clone());
+        assert_eq!(history(&merged, "latest"), expect(&["X", "W", "V"]));
+        // The incoming events are taken as they are.
+        assert!(merged.iter().all(|e| incoming.contains(e)));
+        // The same history again changes nothing.
+        assert_eq!(merge_entries(merged.clone(), incoming.clone()), merged);
+        // Newer incoming that dropped an old image: the old one is kept last.
+        let existing = vec![ev("latest", 0, "W"), ev("latest", 1, "V")];
+        let incoming = vec![ev("latest", 0, "X"), ev("latest", 1, "W")];
+        let merged = merge_entries(existing, incoming);
+        assert_eq!(history(&merged, "latest"), expect(&["X", "W", "V"]));
+    }
+
+    #[test]
+    fn merge_of_disjoint_histories_and_tags() {
+        let existing = vec![
+            ev("latest", 0, "A"),
+            ev("latest", 1, "B"),
+            ev("old", 0, "O"),
+        ];
+        let incoming = vec![
+            ev("latest", 0, "C"),
+            ev("latest", 1, "D"),
+            ev("new", 0, "N"),
+        ];
+        let merged = merge_entries(existing, incoming);
+        assert_eq!(history(&merged, "latest"), expect(&["C", "D", "A", "B"]));
+        assert_eq!(history(&merged, "old"), expect(&["O"]));
+        assert_eq!(history(&merged, "new"), expect(&["N"]));
+        assert_eq!(merged.len(), 6);
+        // Through merge(), the index stays sorted and valid.
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path(), Access::Write).unwrap();
+        let idx = merge(
+            &layout,
+            ArchiveIndex {
+                entries: vec![
+                    ev("latest", 0, "X"),
+                    ev("latest", 1, "W"),
+                    ev("latest", 2, "V"),
+                ],
+                ..Default::default()
+            },
+            ArchiveIndex {
+                entries: vec![ev("latest", 0, "W"), ev("latest", 1, "V")],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(history(&idx.entries, "latest"), expect(&["X", "W", "V"]));
+        assert_eq!(ArchiveIndex::from_json(&idx.to_json()).unwrap(), idx);
     }
 
     #[test]

@@ -222,6 +222,7 @@ impl ArchiveIndex {
             if entry.stream.is_empty() || entry.tag.is_empty() {
                 return Err(format!("manifests[{i}]: stream or tag annotation missing"));
             }
+            validate_names(&entry).map_err(|e| format!("manifests[{i}]: {e}"))?;
             index.entries.push(entry);
         }
         index.sort();
@@ -309,6 +310,61 @@ impl ArchiveIndex {
     }
 }
 
+/// True for a DNS-1123 label: lowercase alphanumerics and '-', starting
+/// and ending with an alphanumeric, at most 63 characters.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| alnum(c) || *c == b'-')
+        && alnum(&b[0])
+        && alnum(&b[b.len() - 1])
+}
+
+/// True for a valid namespace: a DNS-1123 label (no '.').
+pub fn is_valid_namespace(s: &str) -> bool {
+    is_dns_label(s)
+}
+
+/// True for a valid ImageStream name: a DNS-1123 subdomain (labels of
+/// lowercase alphanumerics and '-' joined by '.', at most 253 characters).
+pub fn is_valid_stream_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// True for a tag of the OCI grammar `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
+pub fn is_valid_tag(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Checks the names of an entry read from a possibly untrusted index: they
+/// end up in registry URLs and ref names.
+fn validate_names(e: &Entry) -> Result<(), String> {
+    if !is_valid_namespace(&e.namespace) {
+        return Err(format!(
+            "invalid namespace {:?} in {ANN_NAMESPACE}",
+            e.namespace
+        ));
+    }
+    if !is_valid_stream_name(&e.stream) {
+        return Err(format!(
+            "invalid ImageStream name {:?} in {ANN_STREAM}",
+            e.stream
+        ));
+    }
+    if !is_valid_tag(&e.tag) {
+        return Err(format!("invalid tag {:?} in {ANN_TAG}", e.tag));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,6 +405,94 @@ mod tests {
         assert_eq!(v["manifests"][0]["annotations"][REF_NAME], "ns/app:v1");
         assert!(v["manifests"][2]["annotations"].get(REF_NAME).is_none());
         assert_eq!(back.roots().len(), 5);
+    }
+
+    fn index_with(ns: &str, stream: &str, tag: &str) -> Vec<u8> {
+        let ok = entry("v1", 0, b"a");
+        let mut bad = ok.clone();
+        bad.namespace = ns.into();
+        bad.stream = stream.into();
+        bad.tag = tag.into();
+        let idx = ArchiveIndex {
+            entries: vec![ok, bad],
+            ..Default::default()
+        };
+        // Serialized as is (to_json does not validate), bad entry second.
+        idx.to_json()
+    }
+
+    #[test]
+    fn validates_names() {
+        let long_tag = format!("v{}", "1".repeat(127));
+        let long_stream = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        assert_eq!(long_stream.len(), 253);
+        for (ns, stream, tag) in [
+            ("ns", "app", "latest"),
+            ("team-a", "my-app.v2", "_v1.0-rc_1"),
+            ("a", "b", "V"),
+            ("n0", long_stream.as_str(), long_tag.as_str()),
+        ] {
+            let json = index_with(ns, stream, tag);
+            let idx = ArchiveIndex::from_json(&json)
+                .unwrap_or_else(|e| panic!("{ns}/{stream}:{tag}: {e}"));
+            assert_eq!(idx.entries.len(), 2);
+        }
+        let too_long_tag = format!("v{}", "1".repeat(128));
+        let too_long_stream = format!("{long_stream}a");
+        let too_long_ns = "n".repeat(64);
+        let cases: Vec<(&str, &str, &str, &str)> = vec![
+            ("..", "app", "v1", "\"..\""),
+            ("ns", "..", "v1", "\"..\""),
+            ("ns", "app", "..", "\"..\""),
+            ("ns", "a/b", "v1", "\"a/b\""),
+            ("a/b", "app", "v1", "\"a/b\""),
+            ("ns", "app", "v/1", "\"v/1\""),
+            ("ns", "app?x=1", "v1", "app?x=1"),
+            ("ns", "app", "v1?", "v1?"),
+            ("ns", "app", "-v1", "-v1"),
+            ("ns", "app", ".v1", ".v1"),
+            ("ns", "app", too_long_tag.as_str(), "invalid tag"),
+            ("NS", "app", "v1", "\"NS\""),
+            ("Team-a", "app", "v1", "Team-a"),
+            ("n.s", "app", "v1", "\"n.s\""),
+            ("-ns", "app", "v1", "-ns"),
+            ("ns-", "app", "v1", "ns-"),
+            (too_long_ns.as_str(), "app", "v1", "invalid namespace"),
+            ("ns", "App", "v1", "\"App\""),
+            ("ns", ".app", "v1", ".app"),
+            ("ns", "app.", "v1", "app."),
+            ("ns", "a..b", "v1", "a..b"),
+            ("ns", "-app", "v1", "-app"),
+            ("ns", "app:1", "v1", "app:1"),
+            (
+                "ns",
+                too_long_stream.as_str(),
+                "v1",
+                "invalid ImageStream name",
+            ),
+            ("ns", "app", "v 1", "v 1"),
+            ("ns", "app", "v1@x", "v1@x"),
+        ];
+        for (ns, stream, tag, shown) in cases {
+            let err = ArchiveIndex::from_json(&index_with(ns, stream, tag))
+                .expect_err(&format!("{ns}/{stream}:{tag} accepted"));
+            assert!(err.starts_with("manifests[1]: invalid"), "{err}");
+            assert!(err.contains(shown), "{ns}/{stream}:{tag}: {err}");
+        }
+        // Empty names (present but empty annotations) are refused too.
+        for (ns, stream, tag) in [("", "app", "v1"), ("ns", "", "v1"), ("ns", "app", "")] {
+            let err = ArchiveIndex::from_json(&index_with(ns, stream, tag)).unwrap_err();
+            assert!(
+                err.starts_with("manifests[1]:"),
+                "{ns}/{stream}:{tag}: {err}"
+            );
+        }
     }
 
     #[test]

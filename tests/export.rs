@@ -366,3 +366,175 @@ fn truncated_or_corrupt_streams_commit_nothing() {
     }
     run_ok(0, ["verify", "--archive", &s(&target)]);
 }
+
+/// The members of an export stream, in stream order.
+fn untar(stream: &Path) -> Vec<(String, Vec<u8>)> {
+    let tar = zstd::stream::decode_all(std::fs::read(stream).unwrap().as_slice()).unwrap();
+    let mut archive = tar::Archive::new(tar.as_slice());
+    let mut out = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.header().entry_type().is_dir() {
+            continue;
+        }
+        let path = entry.path().unwrap().display().to_string();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        out.push((path, data));
+    }
+    out
+}
+
+/// A `.tar.zst` stream of these members, in this order.
+fn retar(members: &[(String, Vec<u8>)], out: &Path) {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in members {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(path).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, data.as_slice()).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    std::fs::write(out, zstd::stream::encode_all(tar.as_slice(), 3).unwrap()).unwrap();
+}
+
+/// Digest -> what it references, for every manifest or index among the
+/// members (as the blob list marks them).
+fn manifest_refs(members: &[(String, Vec<u8>)]) -> Vec<(String, Vec<String>)> {
+    let list = &members
+        .iter()
+        .find(|(p, _)| p == "imagestream-archiver/blobs.json")
+        .unwrap()
+        .1;
+    let list: Value = serde_json::from_slice(list).unwrap();
+    let manifests: Vec<String> = list["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["mediaType"].is_string())
+        .map(|b| b["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!manifests.is_empty());
+    manifests
+        .into_iter()
+        .map(|d| {
+            let path = format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+            let data = &members.iter().find(|(p, _)| *p == path).unwrap().1;
+            let m: Value = serde_json::from_slice(data).unwrap();
+            let mut refs = Vec::new();
+            for key in ["layers", "manifests"] {
+                for r in m[key].as_array().into_iter().flatten() {
+                    refs.push(r["digest"].as_str().unwrap().to_string());
+                }
+            }
+            if let Some(c) = m["config"]["digest"].as_str() {
+                refs.push(c.to_string());
+            }
+            (d, refs)
+        })
+        .collect()
+}
+
+fn is_manifest(path: &str, manifests: &[(String, Vec<String>)]) -> bool {
+    manifests
+        .iter()
+        .any(|(d, _)| path.ends_with(d.trim_start_matches("sha256:")))
+}
+
+#[test]
+fn import_of_a_stream_with_manifests_before_their_blobs() {
+    let f = backed_up();
+    let full = f.work.path().join("all.tar.zst");
+    export_to(&f.archive, &full, &[]);
+    let members = untar(&full);
+    let manifests = manifest_refs(&members);
+    // Metadata, then every manifest and index (indexes first, as export
+    // writes them last), then every other blob.
+    let (mut blobs, head): (Vec<_>, Vec<_>) = members
+        .iter()
+        .cloned()
+        .partition(|(p, _)| p.starts_with("blobs/"));
+    let (mut first, rest): (Vec<_>, Vec<_>) = blobs
+        .drain(..)
+        .partition(|(p, _)| is_manifest(p, &manifests));
+    first.reverse();
+    let reordered: Vec<_> = head.into_iter().chain(first).chain(rest).collect();
+    assert_eq!(reordered.len(), members.len());
+    let stream = f.work.path().join("reordered.tar.zst");
+    retar(&reordered, &stream);
+
+    let target = f.work.path().join("target");
+    let stats = run_ok(0, ["import", "-i", &s(&stream), "--archive", &s(&target)]).json();
+    assert_eq!(stats["committed"], true, "{stats}");
+    run_ok(0, ["verify", "--archive", &s(&target)]);
+    assert_eq!(
+        std::fs::read(target.join("index.json")).unwrap(),
+        std::fs::read(f.archive.join("index.json")).unwrap()
+    );
+}
+
+#[test]
+fn import_of_a_stream_missing_a_layer_writes_no_manifest_of_the_image() {
+    let f = backed_up();
+    let full = f.work.path().join("all.tar.zst");
+    export_to(&f.archive, &full, &[]);
+    let members = untar(&full);
+    let manifests = manifest_refs(&members);
+    // A layer of some image manifest.
+    let (_, refs) = manifests
+        .iter()
+        .find(|(_, refs)| {
+            refs.len() > 1 && !refs.iter().any(|r| manifests.iter().any(|(d, _)| d == r))
+        })
+        .unwrap();
+    // refs lists layers first.
+    let layer = refs[0].clone();
+    // Every manifest whose closure needs the layer.
+    let mut incomplete: Vec<String> = vec![layer.clone()];
+    loop {
+        let more: Vec<String> = manifests
+            .iter()
+            .filter(|(d, refs)| {
+                !incomplete.contains(d) && refs.iter().any(|r| incomplete.contains(r))
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        incomplete.extend(more);
+    }
+    assert!(incomplete.len() > 1);
+    let layer_path = format!("blobs/sha256/{}", layer.trim_start_matches("sha256:"));
+    // Manifests first, so that they would have arrived before their layers.
+    let (mut first, rest): (Vec<_>, Vec<_>) = members
+        .iter()
+        .filter(|(p, _)| *p != layer_path)
+        .cloned()
+        .partition(|(p, _)| !p.starts_with("blobs/") || is_manifest(p, &manifests));
+    first.extend(rest);
+    let stream = f.work.path().join("missing-layer.tar.zst");
+    retar(&first, &stream);
+
+    let target = f.work.path().join("target");
+    let r = run(["import", "-i", &s(&stream), "--archive", &s(&target)]);
+    assert_ne!(r.code, 0, "import succeeded: {}", r.stdout);
+    assert!(
+        r.stderr.contains("was not written")
+            && r.stderr.contains(layer.as_str())
+            && incomplete[1..]
+                .iter()
+                .any(|d| r.stderr.contains(d.as_str())),
+        "{}",
+        r.stderr
+    );
+    assert!(!target.join("index.json").exists(), "index committed");
+    for d in &incomplete {
+        let path = target
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
+        assert!(!path.exists(), "{d} of the incomplete image was written");
+    }
+}
