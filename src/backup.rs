@@ -379,31 +379,54 @@ pub async fn execute(
         "download done"
     );
 
-    // Write manifests children first; a manifest only when its whole
-    // closure is present.
+    // Write manifests children first, a level at a time (one sync per
+    // level); a manifest only when its whole closure is present.
     let trees = std::mem::take(&mut plan.trees);
-    for (top, order) in trees {
-        let mut failure = None;
-        for digest in &order {
-            let fetched = &plan.fetched[digest];
+    let mut level: HashMap<Digest, usize> = HashMap::new();
+    for order in trees.values() {
+        for digest in order {
+            let l = plan.fetched[digest]
+                .parsed
+                .children
+                .iter()
+                .map(|c| level.get(&c.digest).map_or(0, |l| l + 1))
+                .max()
+                .unwrap_or(0);
+            level.insert(digest.clone(), l);
+        }
+    }
+    let mut levels: BTreeMap<usize, Vec<&Digest>> = BTreeMap::new();
+    for (d, l) in &level {
+        levels.entry(*l).or_default().push(d);
+    }
+    let mut unwritten: HashMap<Digest, String> = HashMap::new();
+    for digests in levels.values() {
+        let mut batch: Vec<(&Digest, &[u8])> = Vec::new();
+        for digest in digests {
+            let fetched = &plan.fetched[*digest];
             let missing = fetched
                 .parsed
                 .blobs
                 .iter()
                 .chain(fetched.parsed.children.iter())
                 .find(|b| !layout.has_blob(&b.digest));
-            if let Some(m) = missing {
-                failure = Some(match blob_failed.get(&m.digest) {
-                    Some(reason) => format!("blob {}: {reason}", m.digest),
-                    None => format!("blob {} is missing", m.digest),
-                });
-                break;
+            match missing {
+                Some(m) => {
+                    let reason = match blob_failed.get(&m.digest).or(unwritten.get(&m.digest)) {
+                        Some(reason) => format!("blob {}: {reason}", m.digest),
+                        None => format!("blob {} is missing", m.digest),
+                    };
+                    unwritten.insert((*digest).clone(), reason);
+                }
+                None => batch.push((*digest, &fetched.bytes)),
             }
-            layout.write_blob(digest, &fetched.bytes)?;
         }
-        match failure {
+        layout.write_blobs_batch(&batch)?;
+    }
+    for (top, order) in trees {
+        match order.iter().find_map(|d| unwritten.get(d)) {
             Some(reason) => {
-                plan.failed.insert(top, reason);
+                plan.failed.insert(top, reason.clone());
             }
             None => {
                 let f = &plan.fetched[&top];

@@ -304,6 +304,62 @@ impl Layout {
         sync_dir(&self.root.join("blobs").join("sha256"))
     }
 
+    /// Writes small verified blobs held in memory (manifests) as one batch:
+    /// temp files, one `syncfs` for all of them, renames, one directory
+    /// fsync. Blobs already present are skipped. Every blob of the batch is
+    /// durable and visible when this returns; none is visible unverified.
+    pub fn write_blobs_batch(&self, blobs: &[(&Digest, &[u8])]) -> Result<(), LayoutError> {
+        let mut staged = Vec::new();
+        let cleanup = |staged: &[(PathBuf, PathBuf, Digest)]| {
+            for (tmp, _, _) in staged {
+                let _ = fs::remove_file(tmp);
+            }
+        };
+        for (digest, data) in blobs {
+            if self.has_blob(digest) || staged.iter().any(|(_, _, d)| d == *digest) {
+                continue;
+            }
+            let actual = Digest::of(data);
+            if &actual != *digest {
+                cleanup(&staged);
+                return Err(LayoutError::Mismatch {
+                    expected: (*digest).clone(),
+                    reason: format!("content hashes to {actual}"),
+                });
+            }
+            let tmp = self.root.join(INGEST_DIR).join(format!(
+                "{}.{}.{}",
+                digest.hex(),
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            if let Err(e) = fs::write(&tmp, data) {
+                cleanup(&staged);
+                let _ = fs::remove_file(&tmp);
+                return Err(io_err("write", &tmp)(e));
+            }
+            staged.push((tmp, self.blob_path(digest), (*digest).clone()));
+        }
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let root = File::open(&self.root).map_err(io_err("open", &self.root))?;
+        // SAFETY: syncfs only reads the descriptor, which `root` keeps open.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+            cleanup(&staged);
+            return Err(io_err("syncfs", &self.root)(io::Error::last_os_error()));
+        }
+        for (tmp, target, _) in &staged {
+            fs::rename(tmp, target).map_err(io_err("rename", target))?;
+        }
+        self.sync_blobs()?;
+        let mut suspect = self.suspect.lock().expect("suspect lock");
+        for (_, _, d) in &staged {
+            suspect.remove(d);
+        }
+        Ok(())
+    }
+
     /// Stores bytes held in memory as a verified blob.
     pub fn write_blob(&self, expected: &Digest, data: &[u8]) -> Result<(), LayoutError> {
         if self.has_blob(expected) {
