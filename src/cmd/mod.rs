@@ -38,11 +38,11 @@ pub fn progress_enabled(p: Progress) -> bool {
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Backup(args) => backup::run(args).await,
-        Command::Verify(args) => inspect::verify(args),
-        Command::List(args) => inspect::list(args),
-        Command::Gc(args) => inspect::gc(args),
-        Command::Restore(args) => restore::run(args).await,
         // Blocking work off the runtime thread, so SIGTERM is still seen.
+        Command::Verify(args) => tokio::task::spawn_blocking(move || inspect::verify(args)).await?,
+        Command::List(args) => tokio::task::spawn_blocking(move || inspect::list(args)).await?,
+        Command::Gc(args) => tokio::task::spawn_blocking(move || inspect::gc(args)).await?,
+        Command::Restore(args) => restore::run(args).await,
         Command::Export(args) => tokio::task::spawn_blocking(move || export::export(args)).await?,
         Command::Import(args) => tokio::task::spawn_blocking(move || export::import(args)).await?,
     }
