@@ -130,7 +130,7 @@ pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> (Vec<Unit>, Vec
     let units = by_tag
         .into_iter()
         .map(|((ns, stream, tag), mut events)| {
-            events.sort_by(|a, b| b.position.cmp(&a.position));
+            events.sort_by_key(|e| std::cmp::Reverse(e.position));
             Unit {
                 target_namespace: ns,
                 stream,
@@ -213,11 +213,14 @@ impl Source {
     }
 }
 
+/// The outcome of putting one blob into one repository, decided once.
+type OutcomeCell = Arc<OnceCell<BlobOutcome>>;
+
 /// Pushes blobs once per repository, mounting from where they already are.
 pub(crate) struct Pusher {
     client: RegistryClient,
     source: Source,
-    done: Mutex<HashMap<(String, Digest), Arc<OnceCell<BlobOutcome>>>>,
+    done: Mutex<HashMap<(String, Digest), OutcomeCell>>,
     /// Where each blob is (or is being put) first in the target registry.
     located: Mutex<HashMap<Digest, Arc<OnceCell<String>>>>,
     /// Blobs a streaming restore already put into a repository: reported
@@ -258,7 +261,7 @@ impl Pusher {
     }
 
     /// The outcome of putting `digest` into `repo`, decided once.
-    fn done_cell(&self, repo: &str, digest: &Digest) -> Arc<OnceCell<BlobOutcome>> {
+    fn done_cell(&self, repo: &str, digest: &Digest) -> OutcomeCell {
         self.done
             .lock()
             .expect("pusher lock")

@@ -59,9 +59,13 @@ fn hash_file(path: &std::path::Path) -> std::io::Result<Digest> {
     Ok(Digest::from_sha256(h.finalize().into()))
 }
 
+/// What [`corrupt_blobs`] found: the bad blobs with a reason, how many blobs
+/// and bytes were re-hashed.
+pub type RehashResult = (Vec<(Digest, String)>, usize, u64);
+
 /// Re-hashes every blob (on all cores) and returns the digests whose
 /// content does not match their name, with the reason.
-pub fn corrupt_blobs(layout: &Layout) -> Result<(Vec<(Digest, String)>, usize, u64), LayoutError> {
+pub fn corrupt_blobs(layout: &Layout) -> Result<RehashResult, LayoutError> {
     let blobs = layout.list_blobs()?;
     let bytes = blobs.iter().map(|(_, m)| m.len()).sum();
     let bad = blobs

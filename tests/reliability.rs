@@ -134,7 +134,7 @@ fn sigterm_stops_cleanly_with_its_own_exit_code() {
     let proxy = Proxy::start(&reg.addr);
     // Slow the registry down with failures so the run is surely in flight.
     proxy.add_rule(Some("GET"), "/blobs/", Fault::Status(503), 6);
-    let mut child = common::bin()
+    let child = common::bin()
         .args(backup_args(
             &proxy.addr,
             &archive,

@@ -166,7 +166,7 @@ fn round_trip_same_digests_history_in_order_and_idempotent() {
     }
     assert_eq!(pushed.len(), expected.len());
     for (tag, mut evs) in expected {
-        evs.sort_by(|a, b| b.0.cmp(&a.0));
+        evs.sort_by_key(|e| std::cmp::Reverse(e.0));
         let want: Vec<String> = evs.into_iter().map(|e| e.1).collect();
         assert_eq!(
             pushed[&tag], want,
