@@ -102,6 +102,9 @@ struct RawManifest {
     manifests: Option<Vec<RawDesc>>,
     #[serde(rename = "fsLayers", default)]
     fs_layers: Option<Vec<Value>>,
+    /// OCI artifact manifests (image-spec 1.1 rc) list their content here.
+    #[serde(default)]
+    blobs: Option<Vec<RawDesc>>,
 }
 
 /// Sizes above this are refused as absurd (1 TiB).
@@ -191,6 +194,19 @@ pub fn parse(
             blobs,
         });
     }
+    if let Some(list) = &raw.blobs {
+        let blobs = list
+            .iter()
+            .enumerate()
+            .map(|(i, d)| desc(d, &format!("blobs[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(Parsed {
+            media_type: declared
+                .unwrap_or_else(|| "application/vnd.oci.artifact.manifest.v1+json".into()),
+            children: Vec::new(),
+            blobs,
+        });
+    }
     // Unknown kind of document: kept, not interpreted.
     Ok(Parsed {
         media_type: declared.unwrap_or_else(|| "application/octet-stream".into()),
@@ -240,6 +256,16 @@ mod tests {
         ));
         let selfref = format!(r#"{{"schemaVersion":2,"manifests":[{{"digest":"{d}","size":1}}]}}"#);
         assert!(parse(&d, selfref.as_bytes(), None).is_err());
+    }
+
+    #[test]
+    fn artifact_blobs_are_references() {
+        let b = Digest::of(b"payload");
+        let m = format!(
+            r#"{{"mediaType":"application/vnd.oci.artifact.manifest.v1+json","blobs":[{{"mediaType":"x","digest":"{b}","size":7}}]}}"#
+        );
+        let p = parse(&Digest::of(m.as_bytes()), m.as_bytes(), None).unwrap();
+        assert_eq!(p.blobs[0].digest, b);
     }
 
     #[test]
