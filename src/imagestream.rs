@@ -241,6 +241,15 @@ pub fn parse_list(json: &[u8], origin: &str) -> Result<Vec<ImageStream>, ImageSt
                 "item {i}: metadata.name and metadata.namespace are required"
             )));
         }
+        // Names go into API paths, registry URLs and ref names.
+        if !crate::index::is_valid_namespace(&is.metadata.namespace)
+            || !crate::index::is_valid_stream_name(&is.metadata.name)
+        {
+            return Err(shape(format!(
+                "item {i}: {:?}/{:?} is not a valid namespace/name",
+                is.metadata.namespace, is.metadata.name
+            )));
+        }
         Ok(is)
     };
     match doc.kind.as_str() {
@@ -360,6 +369,8 @@ mod tests {
             r#"{"kind":"List","items":{}}"#,
             r#"{"kind":"List","items":[{"kind":"ImageStream","metadata":{"name":"x","namespace":"y"},"status":{"tags":[{"tag":1}]}}]}"#,
             r#"{"kind":"List","items":[{"kind":"ImageStream","metadata":{"name":"","namespace":"y"}}]}"#,
+            r#"{"kind":"List","items":[{"kind":"ImageStream","metadata":{"name":"web/status","namespace":"y"}}]}"#,
+            r#"{"kind":"List","items":[{"kind":"ImageStream","metadata":{"name":"x","namespace":"../y"}}]}"#,
             "not json",
         ] {
             let e = parse_list(bad.as_bytes(), "file.json").unwrap_err();

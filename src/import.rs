@@ -516,7 +516,12 @@ struct Held {
     manifests: std::collections::HashMap<Digest, HeldManifest>,
     /// Missing digest -> held manifests waiting for it.
     waiting: std::collections::HashMap<Digest, Vec<Digest>>,
+    /// Bytes held, bounded by [`MAX_HELD_BYTES`].
+    bytes: u64,
 }
+
+/// Most manifest bytes an import holds while they wait for their blobs.
+const MAX_HELD_BYTES: u64 = 512 << 20;
 
 impl Held {
     fn contains(&self, digest: &Digest) -> bool {
@@ -549,6 +554,16 @@ impl Held {
                 .push(digest.clone());
         }
         let missing = missing.len();
+        self.bytes += data.len() as u64;
+        if self.bytes > MAX_HELD_BYTES {
+            return Err(ImportError::Metadata {
+                file: format!("manifest {digest}"),
+                reason: format!(
+                    "more than {} MiB of manifests wait for blobs that have not arrived",
+                    MAX_HELD_BYTES >> 20
+                ),
+            });
+        }
         self.manifests.insert(
             digest,
             HeldManifest {
@@ -595,6 +610,7 @@ impl Held {
                 h.missing -= 1;
                 if h.missing == 0 {
                     let h = self.manifests.remove(&w).expect("held");
+                    self.bytes -= h.data.len() as u64;
                     self.write(layout, &w, &h.data, stats)?;
                     queue.push(w);
                 }
@@ -618,6 +634,7 @@ impl Held {
             }
             for d in ready {
                 let h = self.manifests.remove(&d).expect("held");
+                self.bytes -= h.data.len() as u64;
                 self.write(layout, &d, &h.data, stats)?;
             }
         }

@@ -142,6 +142,14 @@ pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> (Vec<Unit>, Vec
     (units, problems.into_iter().collect())
 }
 
+/// Why an image could not be pushed.
+enum PushError {
+    /// The archive (or stream) cannot provide it: missing or corrupt there.
+    Archive(String),
+    /// The registry refused or failed.
+    Registry(String),
+}
+
 /// What happened to one tag.
 #[derive(Debug, Default)]
 struct UnitResult {
@@ -343,8 +351,8 @@ impl Pusher {
         repo: &str,
         image: &Digest,
         result: &mut UnitResult,
-    ) -> Result<(Bytes, String), String> {
-        let nodes = self.source.walk(image)?;
+    ) -> Result<(Bytes, String), PushError> {
+        let nodes = self.source.walk(image).map_err(PushError::Archive)?;
         let mut root = None;
         for node in nodes {
             match &node.manifest {
@@ -355,10 +363,18 @@ impl Pusher {
                         result.blobs_new += 1;
                         result.bytes_new += n;
                     }
-                    Err(e) => return Err(format!("image {image}: blob {}: {e}", node.digest)),
+                    Err(e) => {
+                        return Err(PushError::Registry(format!(
+                            "image {image}: blob {}: {e}",
+                            node.digest
+                        )))
+                    }
                 },
                 Some(media_type) => {
-                    let bytes = self.source.manifest(image, &node.digest)?;
+                    let bytes = self
+                        .source
+                        .manifest(image, &node.digest)
+                        .map_err(PushError::Archive)?;
                     if &node.digest == image {
                         root = Some((bytes, media_type.clone()));
                     } else if !self.dry_run {
@@ -367,21 +383,26 @@ impl Pusher {
                             .client
                             .resolve(repo, node.digest.as_str())
                             .await
-                            .map_err(|e| format!("image {image}: {e}"))?
+                            .map_err(|e| PushError::Registry(format!("image {image}: {e}")))?
                             .is_some();
                         if !present {
                             self.client
                                 .push_manifest(repo, node.digest.as_str(), bytes, media_type)
                                 .await
                                 .map_err(|e| {
-                                    format!("image {image}: child manifest {}: {e}", node.digest)
+                                    PushError::Registry(format!(
+                                        "image {image}: child manifest {}: {e}",
+                                        node.digest
+                                    ))
                                 })?;
                         }
                     }
                 }
             }
         }
-        root.ok_or_else(|| format!("image {image}: manifest not found in its closure"))
+        root.ok_or_else(|| {
+            PushError::Archive(format!("image {image}: manifest not found in its closure"))
+        })
     }
 
     async fn restore_unit(&self, unit: &Unit, overwrite: bool) -> UnitResult {
@@ -428,8 +449,13 @@ impl Pusher {
             },
         };
         result.skipped = start;
-        for e in &unit.events[start..] {
-            match self.push_closure(&repo, &e.digest, &mut result).await {
+        // History is pushed in order. An image the archive cannot provide
+        // (missing or corrupt there) is skipped: no re-run could push it. A
+        // registry failure stops the tag, so that a re-run resumes in order
+        // instead of leaving a hole in the history under a current tag.
+        let events = &unit.events[start..];
+        for (i, e) in events.iter().enumerate() {
+            let failure = match self.push_closure(&repo, &e.digest, &mut result).await {
                 Ok((bytes, media_type)) => {
                     if self.dry_run {
                         result.pushed += 1;
@@ -440,11 +466,30 @@ impl Pusher {
                         .push_manifest(&repo, &unit.tag, bytes, &media_type)
                         .await
                     {
-                        Ok(()) => result.pushed += 1,
-                        Err(err) => result.failures.push(fail(e, format!("{err:#}"))),
+                        Ok(()) => {
+                            result.pushed += 1;
+                            continue;
+                        }
+                        Err(err) => PushError::Registry(format!("{err:#}")),
                     }
                 }
-                Err(reason) => result.failures.push(fail(e, reason)),
+                Err(err) => err,
+            };
+            match failure {
+                PushError::Archive(reason) => result.failures.push(fail(e, reason)),
+                PushError::Registry(reason) => {
+                    result.failures.push(fail(e, reason));
+                    for later in &events[i + 1..] {
+                        result.failures.push(fail(
+                            later,
+                            format!(
+                                "not pushed: the older {} of {repo}:{} failed; a re-run resumes from there",
+                                e.digest, unit.tag
+                            ),
+                        ));
+                    }
+                    break;
+                }
             }
         }
         result

@@ -37,6 +37,9 @@ use crate::restore::{self, Pusher, RestoreOptions, Source};
 /// Blobs up to this size are read into memory and uploaded with retries;
 /// larger ones are streamed into the request body.
 pub const SMALL_BLOB: u64 = 8 * 1024 * 1024;
+/// Most manifest bytes a streaming restore keeps in memory.
+const MAX_HELD_MANIFESTS: u64 = 512 << 20;
+
 /// Chunk size of streamed blobs.
 const CHUNK: usize = 1 << 20;
 
@@ -271,6 +274,11 @@ fn target_repos(archived: &[String], opts: &RestoreOptions) -> Vec<String> {
         let Some((ns, name)) = r.split_once('/') else {
             continue;
         };
+        // Names from the stream go into registry URLs: only valid ones.
+        if !crate::index::is_valid_namespace(ns) || !crate::index::is_valid_stream_name(name) {
+            tracing::warn!(repository = %r, "ignoring an invalid repository name in the blob list");
+            continue;
+        }
         if !opts.namespaces.is_empty() && !opts.namespaces.iter().any(|n| n == ns) {
             continue;
         }
@@ -296,6 +304,7 @@ fn read_into<R: Read>(reader: R, tx: mpsc::Sender<Msg>) -> Result<(), ImportErro
     let mut kinds: Option<HashMap<Digest, Option<String>>> = None;
     let mut received: HashSet<Digest> = HashSet::new();
     let mut announced: Vec<Digest> = Vec::new();
+    let mut manifest_bytes: u64 = 0;
     let mut has_index = false;
     import::read_stream(reader, |member, r, size| {
         match member {
@@ -338,6 +347,24 @@ fn read_into<R: Read>(reader: R, tx: mpsc::Sender<Msg>) -> Result<(), ImportErro
                             &format!("manifest {digest}"),
                         )?;
                         check(&digest, size, &data)?;
+                        // Kept in memory to the end: only real manifests,
+                        // and a bounded amount of them.
+                        crate::manifest::parse(&digest, &data, Some(media_type)).map_err(|e| {
+                            ImportError::Metadata {
+                                file: BLOB_LIST.into(),
+                                reason: format!("blob {digest} is listed as a manifest: {e}"),
+                            }
+                        })?;
+                        manifest_bytes += data.len() as u64;
+                        if manifest_bytes > MAX_HELD_MANIFESTS {
+                            return Err(ImportError::Metadata {
+                                file: BLOB_LIST.into(),
+                                reason: format!(
+                                    "more than {} MiB of manifests (at {digest})",
+                                    MAX_HELD_MANIFESTS >> 20
+                                ),
+                            });
+                        }
                         let _ = tx.blocking_send(Msg::Manifest(
                             digest,
                             Bytes::from(data),

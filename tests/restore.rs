@@ -416,3 +416,61 @@ fn dry_run_reports_what_would_be_pushed_and_pushes_nothing() {
         assert_eq!(head_digest(&b, &format!("{ns}/{name}"), &tag), None);
     }
 }
+
+#[test]
+fn registry_failure_stops_the_tag_and_a_rerun_resumes_in_order() {
+    let f = backed_up();
+    let b = Registry::start();
+    let proxy = Proxy::start(&b.addr);
+    let events = tag_events(&f.list);
+    let (ns, name, tag, _, _) = events.iter().find(|e| e.3 == 2).unwrap().clone();
+    let repo = format!("{ns}/{name}");
+    // The first push to this tag (its oldest history item) fails for good.
+    proxy.add_rule(
+        Some("PUT"),
+        &format!("/v2/{repo}/manifests/{tag}"),
+        common::proxy::Fault::Status(500),
+        1,
+    );
+    let r = run(restore_args(&f.archive, &proxy.addr, &["--retries", "1"]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let failures = r.json()["imagestreams"][&repo]["failures"].clone();
+    let of_tag: Vec<_> = failures
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["tag"] == tag.as_str())
+        .collect();
+    let depth = events
+        .iter()
+        .filter(|e| e.0 == ns && e.1 == name && e.2 == tag)
+        .count();
+    assert_eq!(
+        of_tag.len(),
+        depth,
+        "every event of the tag is reported: {failures}"
+    );
+    assert_eq!(
+        head_digest(&b, &repo, &tag),
+        None,
+        "nothing pushed after the failure"
+    );
+
+    // A re-run pushes the whole history, oldest first.
+    let before = proxy.records().len();
+    run_ok(0, restore_args(&f.archive, &proxy.addr, &[]));
+    let pushed: Vec<String> = proxy
+        .records()
+        .into_iter()
+        .skip(before)
+        .filter(|r| r.method == "PUT" && r.path == format!("/v2/{repo}/manifests/{tag}"))
+        .map(|r| r.body_digest.unwrap())
+        .collect();
+    let mut want: Vec<(usize, String)> = events
+        .iter()
+        .filter(|e| e.0 == ns && e.1 == name && e.2 == tag)
+        .map(|e| (e.3, e.4.clone()))
+        .collect();
+    want.sort_by_key(|e| std::cmp::Reverse(e.0));
+    assert_eq!(pushed, want.into_iter().map(|e| e.1).collect::<Vec<_>>());
+}

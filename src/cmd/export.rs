@@ -46,6 +46,12 @@ pub fn export(args: ExportArgs) -> anyhow::Result<i32> {
                 let file = out.into_inner().map_err(|e| e.into_error())?;
                 file.sync_all()?;
                 std::fs::rename(&tmp, target)?;
+                // The rename itself must survive a crash too.
+                let dir = target
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                File::open(dir)?.sync_all()?;
                 Ok(stats)
             });
         match res {
