@@ -477,9 +477,9 @@ pub fn summarize(plan: &Plan, report: &mut Report, dry_run: bool) {
             if let Some(reason) = plan.failed.get(&r.digest) {
                 // Every tag event of a failed image is named.
                 s.failures.push(Failure {
-                    namespace: r.namespace.clone(),
-                    imagestream: r.stream.clone(),
-                    tag: r.tag.clone(),
+                    namespace: r.namespace.to_string(),
+                    imagestream: r.stream.to_string(),
+                    tag: r.tag.to_string(),
                     position: Some(r.position),
                     digest: Some(r.digest.clone()),
                     reason: reason.clone(),
@@ -538,15 +538,22 @@ fn merge_index(
     opts: &BackupOptions,
     report: &mut Report,
 ) -> Result<ArchiveIndex, LayoutError> {
-    let discovered: HashSet<String> = plan.streams.iter().map(ImageStream::key).collect();
+    let discovered: HashSet<(&str, &str)> = plan
+        .streams
+        .iter()
+        .map(|is| (is.metadata.namespace.as_str(), is.metadata.name.as_str()))
+        .collect();
     let mut entries: Vec<Entry> = Vec::new();
-    // Current tag events that are archived.
-    let mut current: HashSet<(String, String, Digest)> = HashSet::new();
-    let mut next_position: HashMap<(String, String), usize> = HashMap::new();
+    // Current tag events that are archived, and each tag's next free
+    // history position (keys borrow from this run's refs and the previous
+    // index, no copies).
+    let mut current: HashSet<(&str, &str, &str, &Digest)> = HashSet::new();
+    let mut next_position: HashMap<(&str, &str, &str), usize> = HashMap::new();
     let all_refs = plan.refs.iter().chain(plan.external_skipped.iter());
     for r in all_refs {
-        let key = (repo_of(r), r.tag.clone());
-        let np = next_position.entry(key).or_insert(1);
+        let np = next_position
+            .entry((&r.namespace, &r.stream, &r.tag))
+            .or_insert(1);
         *np = (*np).max(r.position + 1);
         let meta = match plan.known.get(&r.digest) {
             Some(m) => Some(m.clone()),
@@ -561,11 +568,11 @@ fn merge_index(
         let Some((media_type, size)) = meta else {
             continue;
         };
-        current.insert((repo_of(r), r.tag.clone(), r.digest.clone()));
+        current.insert((&r.namespace, &r.stream, &r.tag, &r.digest));
         entries.push(Entry {
-            namespace: r.namespace.clone(),
-            stream: r.stream.clone(),
-            tag: r.tag.clone(),
+            namespace: r.namespace.to_string(),
+            stream: r.stream.to_string(),
+            tag: r.tag.to_string(),
             position: r.position,
             digest: r.digest.clone(),
             media_type,
@@ -579,36 +586,48 @@ fn merge_index(
         .refs
         .iter()
         .filter(|r| plan.failed.contains_key(&r.digest))
-        .map(|r| (r.namespace.as_str(), r.stream.as_str(), r.tag.as_str()))
+        .map(|r| (&*r.namespace, &*r.stream, &*r.tag))
         .collect();
     // Earlier entries: kept unless their stream was discovered and they are
-    // in its status (then they were re-added above) or pruned.
+    // in its status (then they were re-added above) or pruned. Decided
+    // first (borrowing), then moved.
     let previous = std::mem::take(&mut plan.previous);
-    for mut e in previous.entries {
-        let key = e.stream_key();
-        if discovered.contains(&key) {
-            if current.contains(&(key.clone(), e.tag.clone(), e.digest.clone())) {
-                continue;
-            }
-            let tag_failed =
-                failed_tags.contains(&(e.namespace.as_str(), e.stream.as_str(), e.tag.as_str()));
-            if opts.prune_history && !tag_failed && !opts.failed_namespaces.contains(&e.namespace) {
-                report.pruned.push(Failure {
-                    namespace: e.namespace.clone(),
-                    imagestream: e.stream.clone(),
-                    tag: e.tag.clone(),
-                    position: Some(e.position),
-                    digest: Some(e.digest.clone()),
-                    reason: "no longer in the ImageStream's history".into(),
-                });
-                continue;
-            }
-            // Gone from the stream: keep it as the oldest history.
-            let np = next_position.entry((key, e.tag.clone())).or_insert(1);
-            e.position = *np;
-            *np += 1;
+    let mut decisions: Vec<Option<usize>> = Vec::with_capacity(previous.entries.len());
+    for e in &previous.entries {
+        let (ns, stream, tag) = (e.namespace.as_str(), e.stream.as_str(), e.tag.as_str());
+        if !discovered.contains(&(ns, stream)) {
+            decisions.push(Some(e.position));
+            continue;
         }
-        entries.push(e);
+        if current.contains(&(ns, stream, tag, &e.digest)) {
+            decisions.push(None);
+            continue;
+        }
+        let tag_failed = failed_tags.contains(&(ns, stream, tag));
+        if opts.prune_history && !tag_failed && !opts.failed_namespaces.contains(&e.namespace) {
+            report.pruned.push(Failure {
+                namespace: e.namespace.clone(),
+                imagestream: e.stream.clone(),
+                tag: e.tag.clone(),
+                position: Some(e.position),
+                digest: Some(e.digest.clone()),
+                reason: "no longer in the ImageStream's history".into(),
+            });
+            decisions.push(None);
+            continue;
+        }
+        // Gone from the stream: keep it as the oldest history.
+        let np = next_position.entry((ns, stream, tag)).or_insert(1);
+        decisions.push(Some(*np));
+        *np += 1;
+    }
+    drop((current, next_position, failed_tags, discovered));
+    let previous_entries = previous.entries;
+    for (mut e, decision) in previous_entries.into_iter().zip(decisions) {
+        if let Some(position) = decision {
+            e.position = position;
+            entries.push(e);
+        }
     }
     // The ImageStream objects: this run's replace earlier ones.
     let mut earlier = Vec::new();

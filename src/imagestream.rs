@@ -152,12 +152,12 @@ impl ImageStream {
 /// One image to archive: a tag event of a stream, with its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
-    /// Namespace of the stream.
-    pub namespace: String,
-    /// Name of the stream.
-    pub stream: String,
-    /// Tag name.
-    pub tag: String,
+    /// Namespace of the stream (shared by all refs of the stream).
+    pub namespace: std::sync::Arc<str>,
+    /// Name of the stream (shared).
+    pub stream: std::sync::Arc<str>,
+    /// Tag name (shared by the tag's events).
+    pub tag: std::sync::Arc<str>,
     /// 0 for the current image, 1.. for history, newest first.
     pub position: usize,
     /// The manifest digest.
@@ -181,13 +181,16 @@ pub struct BadTagEvent {
 pub fn images_of(is: &ImageStream) -> (Vec<ImageRef>, Vec<BadTagEvent>) {
     let mut out = Vec::new();
     let mut bad = Vec::new();
+    let namespace: std::sync::Arc<str> = is.metadata.namespace.as_str().into();
+    let stream: std::sync::Arc<str> = is.metadata.name.as_str().into();
     for tag in &is.status.tags {
+        let tag_name: std::sync::Arc<str> = tag.tag.as_str().into();
         for (position, item) in tag.items.iter().enumerate() {
             match Digest::parse(&item.image) {
                 Ok(digest) => out.push(ImageRef {
-                    namespace: is.metadata.namespace.clone(),
-                    stream: is.metadata.name.clone(),
-                    tag: tag.tag.clone(),
+                    namespace: namespace.clone(),
+                    stream: stream.clone(),
+                    tag: tag_name.clone(),
                     position,
                     digest,
                     created: item.created.clone(),
