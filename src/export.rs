@@ -124,6 +124,14 @@ pub enum ExportError {
         /// What differed.
         reason: String,
     },
+    /// A blob's content does not match its digest: it is not shipped.
+    #[error("blob {digest} is corrupt in the archive (its content hashes to {actual}); nothing was exported; run `imagestream-archiver backup --repair` to fetch it again")]
+    Corrupt {
+        /// The blob.
+        digest: Digest,
+        /// What its content hashes to.
+        actual: Digest,
+    },
     /// Writing or compressing the stream failed.
     #[error("writing the export stream ({what})")]
     Write {
@@ -231,12 +239,19 @@ pub fn export_with_workers<W: Write>(
                     remaining: size,
                     digest: digest.clone(),
                     failure: None,
+                    hasher: <sha2::Sha256 as sha2::Digest>::new(),
                 };
                 let res = tar.append(&header, &mut exact);
                 if let Some(reason) = exact.failure.take() {
                     return Err(ExportError::Changed { digest, reason });
                 }
                 res.map_err(werr(&what))?;
+                // A blob that rotted on disk is not shipped: the stream would
+                // only be refused at import, possibly at the recovery site.
+                let actual = Digest::from_sha256(sha2::Digest::finalize(exact.hasher).into());
+                if actual != digest {
+                    return Err(ExportError::Corrupt { digest, actual });
+                }
                 stats.tar_bytes += 512 + padded(size);
             }
         }
@@ -464,6 +479,8 @@ struct ExactReader {
     remaining: u64,
     digest: Digest,
     failure: Option<String>,
+    /// Hashes what is read, so that a corrupt blob is not shipped.
+    hasher: sha2::Sha256,
 }
 
 impl Read for ExactReader {
@@ -488,6 +505,7 @@ impl Read for ExactReader {
             ));
         }
         self.remaining -= n as u64;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
         Ok(n)
     }
 }

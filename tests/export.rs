@@ -538,3 +538,29 @@ fn import_of_a_stream_missing_a_layer_writes_no_manifest_of_the_image() {
         assert!(!path.exists(), "{d} of the incomplete image was written");
     }
 }
+
+#[test]
+fn a_corrupt_blob_is_not_exported() {
+    let f = backed_up();
+    // Flip a byte in the largest blob (a layer).
+    let blobs = f.archive.join("blobs/sha256");
+    let victim = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x01;
+    std::fs::write(&victim, &bytes).unwrap();
+    let out = f.work.path().join("corrupt.tar.zst");
+    let r = run(["export", "--archive", &s(&f.archive), "-o", &s(&out)]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    assert!(
+        r.stderr.contains(name) && r.stderr.contains("--repair"),
+        "{}",
+        r.stderr
+    );
+    assert!(!out.exists(), "no stream left behind");
+}
