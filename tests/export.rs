@@ -3,47 +3,18 @@
 
 mod common;
 
-use common::{
-    archiver_registry_flags, head_digest, run, run_ok, seed, skopeo, tag_events, Registry,
-};
+use common::{archiver_registry_flags, head_digest, run, run_ok, skopeo, tag_events, Registry};
 use serde_json::Value;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
-struct Fixture {
-    _a: Registry,
-    list: Value,
-    archive: PathBuf,
-    work: tempfile::TempDir,
-}
-
-fn backed_up() -> Fixture {
+fn backed_up() -> common::BackedUp {
     backed_up_with(&["--preset", "small", "--history", "3"])
 }
 
-fn backed_up_with(seed_args: &[&str]) -> Fixture {
-    let a = Registry::start();
-    let seeded = seed(&a, seed_args);
-    let work = tempfile::tempdir().unwrap();
-    let archive = work.path().join("archive");
-    let mut args = vec![
-        "backup".to_string(),
-        "--archive".into(),
-        archive.display().to_string(),
-        "--imagestreams-from".into(),
-        seeded.imagestreams.display().to_string(),
-        "--progress".into(),
-        "none".into(),
-    ];
-    args.extend(archiver_registry_flags(&a));
-    run_ok(0, &args);
-    Fixture {
-        list: seeded.list(),
-        _a: a,
-        archive,
-        work,
-    }
+fn backed_up_with(seed_args: &[&str]) -> common::BackedUp {
+    common::backed_up(seed_args)
 }
 
 fn s(p: &Path) -> String {

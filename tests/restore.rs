@@ -3,38 +3,13 @@
 mod common;
 
 use common::proxy::Proxy;
-use common::{archiver_registry_flags, head_digest, run, run_ok, seed, tag_events, Registry};
+use common::{head_digest, run, run_ok, tag_events, Registry};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-struct Fixture {
-    _a: Registry,
-    list: Value,
-    archive: PathBuf,
-    _work: tempfile::TempDir,
-}
-
-fn backed_up() -> Fixture {
-    let a = Registry::start();
-    let seeded = seed(&a, &["--preset", "small", "--history", "3"]);
-    let work = tempfile::tempdir().unwrap();
-    let archive = work.path().join("archive");
-    let mut args = vec![
-        "backup".to_string(),
-        "--archive".into(),
-        archive.display().to_string(),
-        "--imagestreams-from".into(),
-        seeded.imagestreams.display().to_string(),
-    ];
-    args.extend(archiver_registry_flags(&a));
-    run_ok(0, &args);
-    Fixture {
-        list: seeded.list(),
-        _a: a,
-        archive,
-        _work: work,
-    }
+fn backed_up() -> common::BackedUp {
+    common::backed_up(&["--preset", "small", "--history", "3"])
 }
 
 fn restore_args(archive: &Path, registry: &str, extra: &[&str]) -> Vec<String> {

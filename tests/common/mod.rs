@@ -278,3 +278,38 @@ pub fn backup_args(
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }
+
+/// A registry seeded with `isa-seed` and backed up into an archive.
+pub struct BackedUp {
+    /// The source registry (kept running).
+    pub registry: Registry,
+    /// The seeded ImageStream list.
+    pub list: serde_json::Value,
+    /// The archive directory.
+    pub archive: PathBuf,
+    /// A scratch directory that holds the archive.
+    pub work: tempfile::TempDir,
+}
+
+/// Seeds a fresh registry with `seed_args` and backs it up.
+pub fn backed_up(seed_args: &[&str]) -> BackedUp {
+    let registry = Registry::start();
+    let seeded = seed(&registry, seed_args);
+    let work = tempfile::tempdir().expect("scratch dir");
+    let archive = work.path().join("archive");
+    run_ok(
+        0,
+        backup_args(
+            archiver_registry_flags(&registry),
+            &archive,
+            &seeded.imagestreams,
+            &[],
+        ),
+    );
+    BackedUp {
+        list: seeded.list(),
+        registry,
+        archive,
+        work,
+    }
+}
