@@ -3,9 +3,10 @@
 
 #[path = "common/fake_kube.rs"]
 mod fake_kube;
+#[path = "common/volume.rs"]
+mod volume;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fake_kube::{FakeKube, FAKE_TOKEN};
@@ -14,6 +15,7 @@ use imagestream_archiver::capacity::{
 };
 use imagestream_archiver::discovery::RetryPolicy;
 use serde_json::json;
+use volume::{require_root, Tmpfs};
 
 const MIB: u64 = 1 << 20;
 const NS: &str = "backup";
@@ -325,56 +327,9 @@ async fn missing_or_unreadable_pvc() {
     assert!(err.to_string().contains("cannot get"), "{err}");
 }
 
-/// Unmounts the tmpfs even when the test panics.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        run(
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tmpfs",
-                &dir.display().to_string(),
-            ],
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn is_root() -> bool {
-    let out = Command::new("id").arg("-u").output().expect("run id -u");
-    String::from_utf8_lossy(&out.stdout).trim() == "0"
-}
-
 #[tokio::test]
 async fn tmpfs_grows_after_the_patch_and_the_download_then_fits() {
-    assert!(
-        is_root(),
-        "this test needs root: it mounts a tmpfs as the PVC's volume and grows it with \
-         `mount -o remount,size=...` as the kubelet would. Run the tests as root."
-    );
+    require_root();
     let base = tempfile::tempdir().unwrap();
     let mnt = base.path().join("volume");
     std::fs::create_dir(&mnt).unwrap();
@@ -393,29 +348,10 @@ async fn tmpfs_grows_after_the_patch_and_the_download_then_fits() {
     let fake = FakeKube::builder()
         .pvc(NS, PVC, "gp3-csi", "4Mi")
         .storage_class("gp3-csi", Some(true))
-        .on_patch(move |ev, fake| {
-            let size = ev.new_storage.clone().expect("storage in the patch");
-            let mut status = fake.pvc(&ev.namespace, &ev.name).unwrap()["status"].clone();
-            status["conditions"] = json!([{"type": "FileSystemResizePending", "status": "True"}]);
-            fake.set_pvc_status(&ev.namespace, &ev.name, status.clone());
-            // The kubelet resizes the filesystem a little later.
-            let (fake, ev, mnt) = (fake.clone(), ev.clone(), mount_point.clone());
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(1500));
-                let bytes = fake_kube::quantity_bytes(&size);
-                run(
-                    "mount",
-                    &[
-                        "-o",
-                        &format!("remount,size={bytes}"),
-                        &mnt.display().to_string(),
-                    ],
-                );
-                status["capacity"]["storage"] = json!(size);
-                status.as_object_mut().unwrap().remove("conditions");
-                fake.set_pvc_status(&ev.namespace, &ev.name, status);
-            });
-        })
+        .on_patch(volume::kubelet_resize(
+            mount_point,
+            Duration::from_millis(1500),
+        ))
         .start()
         .await;
     let client = fake.client().await;

@@ -8,10 +8,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::fake_kube::{self, FakeKube, FakeKubeBuilder, Recorded};
+use common::volume::{self, require_root, Tmpfs};
 use common::{archiver_registry_flags, seed, tag_events, Registry, Run};
 use imagestream_archiver::capacity::{fs_space, GIB};
 use serde_json::{json, Value};
@@ -300,62 +300,6 @@ fn cluster_wide_403_exits_2_and_points_at_namespace() {
 
 // ------------------------------------------------------------- PVC growth
 
-/// Mounts a tmpfs and unmounts it when dropped, even when the test panics.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        sh(
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tmpfs",
-                &dir.display().to_string(),
-            ],
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // Still busy (a child process finishing): detach it.
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
-fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn require_root() {
-    let out = Command::new("id").arg("-u").output().expect("run id -u");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "0",
-        "this test needs root: it mounts a tmpfs as the PVC's volume and grows it with \
-         `mount -o remount,size=...` as the kubelet would. Run the tests as root."
-    );
-}
-
 /// The volume: 2.5 MiB. The small workload is ~3.3 MB of blobs (it cannot
 /// fit), one namespace of it ~1.8 MB (it fits).
 const VOLUME: &str = "2560k";
@@ -401,30 +345,10 @@ fn pvc_is_grown_before_the_download_and_the_backup_fits() {
             .streams(seeded_items(&seeded))
             .pvc(PVC_NS, PVC, "gp3-csi", "2560Ki")
             .storage_class("gp3-csi", Some(true))
-            .on_patch(move |ev, fake| {
-                let size = ev.new_storage.clone().expect("storage in the patch");
-                let mut status = fake.pvc(&ev.namespace, &ev.name).unwrap()["status"].clone();
-                status["conditions"] =
-                    json!([{"type": "FileSystemResizePending", "status": "True"}]);
-                fake.set_pvc_status(&ev.namespace, &ev.name, status.clone());
-                // The kubelet grows the filesystem a little later.
-                let (fake, ev, mnt) = (fake.clone(), ev.clone(), mount_point.clone());
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(700));
-                    let bytes = fake_kube::quantity_bytes(&size);
-                    sh(
-                        "mount",
-                        &[
-                            "-o",
-                            &format!("remount,size={bytes}"),
-                            &mnt.display().to_string(),
-                        ],
-                    );
-                    status["capacity"]["storage"] = json!(size);
-                    status.as_object_mut().unwrap().remove("conditions");
-                    fake.set_pvc_status(&ev.namespace, &ev.name, status);
-                });
-            }),
+            .on_patch(volume::kubelet_resize(
+                mount_point,
+                Duration::from_millis(700),
+            )),
     );
     let report = api.run_code(0, &pvc_args(&archive, &reg, &[])).json();
     assert_eq!(report["totals"]["images_failed"], 0, "{report}");

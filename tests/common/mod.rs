@@ -7,6 +7,7 @@
 pub mod fake_kube;
 pub mod proxy;
 pub mod registry;
+pub mod volume;
 
 #[allow(unused_imports)]
 pub use registry::{HttpResponse, LoggedRequest, Registry};
