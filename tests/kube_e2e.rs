@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::fake_kube::{self, FakeKube, FakeKubeBuilder, Recorded};
 use common::volume::{self, require_root, Tmpfs};
-use common::{archiver_registry_flags, seed, tag_events, Registry, Run};
+use common::{archiver_registry_flags, seed, tag_events, verify_ok, Registry, Run};
 use imagestream_archiver::capacity::{fs_space, GIB};
 use serde_json::{json, Value};
 
@@ -85,34 +85,7 @@ impl Api {
 }
 
 fn backup_args(archive: &Path, reg: &Registry, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "backup".to_string(),
-        "--archive".into(),
-        archive.display().to_string(),
-        "--progress".into(),
-        "none".into(),
-    ];
-    a.extend(archiver_registry_flags(reg));
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
-fn verify_ok(archive: &Path) {
-    let r = common::run([
-        "verify",
-        "--archive",
-        &archive.display().to_string(),
-        "--output",
-        "json",
-    ]);
-    assert_eq!(
-        r.code,
-        0,
-        "verify of {}:\n{}\n{}",
-        archive.display(),
-        r.stdout,
-        r.stderr
-    );
+    common::archiver_args("backup", archive, archiver_registry_flags(reg), extra)
 }
 
 fn blob_present(archive: &Path, digest: &str) -> bool {
@@ -569,16 +542,7 @@ fn rich_spec_applied() -> Value {
 }
 
 fn restore_args(archive: &Path, reg: &Registry, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "restore".to_string(),
-        "--archive".into(),
-        archive.display().to_string(),
-        "--progress".into(),
-        "none".into(),
-    ];
-    a.extend(archiver_registry_flags(reg));
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    common::archiver_args("restore", archive, archiver_registry_flags(reg), extra)
 }
 
 fn write_paths(writes: &[Recorded]) -> Vec<String> {

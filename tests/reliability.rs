@@ -4,18 +4,13 @@
 mod common;
 
 use common::proxy::{Fault, Proxy};
-use common::{run, run_ok, seed, Registry};
+use common::{run, run_ok, seed, verify_ok, Registry};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn backup_args(registry: &str, archive: &Path, list: &Path, extra: &[&str]) -> Vec<String> {
     common::backup_args(common::plain_registry(registry), archive, list, extra)
-}
-
-fn verify_ok(archive: &Path) {
-    let r = run(["verify", "--archive", archive.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "verify: {}\n{}", r.stdout, r.stderr);
 }
 
 fn read(p: &Path) -> Vec<u8> {

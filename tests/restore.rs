@@ -13,18 +13,7 @@ fn backed_up() -> common::BackedUp {
 }
 
 fn restore_args(archive: &Path, registry: &str, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "restore".to_string(),
-        "--archive".into(),
-        archive.display().to_string(),
-        "--registry".into(),
-        registry.to_string(),
-        "--plain-http".into(),
-        "--progress".into(),
-        "none".into(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    common::archiver_args("restore", archive, common::plain_registry(registry), extra)
 }
 
 fn writes(p: &Proxy) -> Vec<common::proxy::Record> {

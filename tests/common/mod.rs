@@ -259,6 +259,26 @@ pub fn plain_registry(addr: &str) -> Vec<String> {
     vec!["--registry".into(), addr.into(), "--plain-http".into()]
 }
 
+/// The arguments of a quiet `verb` on `archive` (`backup`, `restore`),
+/// followed by the registry flags and `extra`.
+pub fn archiver_args(
+    verb: &str,
+    archive: &Path,
+    registry_flags: Vec<String>,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a = vec![
+        verb.to_string(),
+        "--archive".into(),
+        archive.display().to_string(),
+        "--progress".into(),
+        "none".into(),
+    ];
+    a.extend(registry_flags);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// The arguments of a quiet `backup` of `list` into `archive`.
 pub fn backup_args(
     registry_flags: Vec<String>,
@@ -266,18 +286,23 @@ pub fn backup_args(
     list: &Path,
     extra: &[&str],
 ) -> Vec<String> {
-    let mut a = vec![
-        "backup".to_string(),
-        "--archive".into(),
-        archive.display().to_string(),
-        "--imagestreams-from".into(),
-        list.display().to_string(),
-        "--progress".into(),
-        "none".into(),
-    ];
-    a.extend(registry_flags);
-    a.extend(extra.iter().map(|s| s.to_string()));
+    let mut a = archiver_args("backup", archive, registry_flags, extra);
+    a.extend(["--imagestreams-from".into(), list.display().to_string()]);
     a
+}
+
+/// Runs `verify` on `archive` and fails the test, with its output, unless
+/// the archive is sound.
+pub fn verify_ok(archive: &Path) {
+    let r = run(["verify", "--archive", &archive.display().to_string()]);
+    assert_eq!(
+        r.code,
+        0,
+        "verify of {}:\n{}\n{}",
+        archive.display(),
+        r.stdout,
+        r.stderr
+    );
 }
 
 /// A registry seeded with `isa-seed` and backed up into an archive.
