@@ -46,7 +46,9 @@ pub fn parse_namespace_map(pairs: &[String]) -> Result<BTreeMap<String, String>,
     for p in pairs {
         let (old, new) = p
             .split_once('=')
-            .filter(|(o, n)| valid_namespace(o) && valid_namespace(n))
+            .filter(|(o, n)| {
+                crate::index::is_valid_namespace(o) && crate::index::is_valid_namespace(n)
+            })
             .ok_or_else(|| {
                 format!("--map-namespace {p:?}: expected OLD=NEW with two namespace names")
             })?;
@@ -55,15 +57,6 @@ pub fn parse_namespace_map(pairs: &[String]) -> Result<BTreeMap<String, String>,
         }
     }
     Ok(out)
-}
-
-fn valid_namespace(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// One tag to restore: its archived events, oldest first.
