@@ -84,18 +84,28 @@ pub fn export(args: ExportArgs) -> anyhow::Result<i32> {
     Ok(crate::report::EXIT_OK)
 }
 
+/// Opens an export stream: stdin for `-`, else the file (buffered); also
+/// returns its name for messages. A file that cannot be opened is a
+/// configuration error.
+fn open_input(path: &Path) -> anyhow::Result<(Box<dyn io::Read + Send>, String)> {
+    if is_dash(path) {
+        return Ok((Box::new(io::stdin()), "from stdin".into()));
+    }
+    let file = File::open(path)
+        .with_context(|| format!("opening {}", path.display()))
+        .map_err(super::config_error)?;
+    Ok((
+        Box::new(io::BufReader::with_capacity(1 << 20, file)),
+        path.display().to_string(),
+    ))
+}
+
 /// Unpacks a `.tar.zst` stream from a file or stdin into an archive.
 pub fn import(args: ImportArgs) -> anyhow::Result<i32> {
     let layout = Layout::open(&args.archive, Access::Write).map_err(super::config_error)?;
-    let stats = if is_dash(&args.input) {
-        crate::import::import(io::stdin().lock(), &layout).context("importing from stdin")?
-    } else {
-        let file = File::open(&args.input)
-            .with_context(|| format!("opening {}", args.input.display()))
-            .map_err(super::config_error)?;
-        crate::import::import(io::BufReader::with_capacity(1 << 20, file), &layout)
-            .with_context(|| format!("importing {}", args.input.display()))?
-    };
+    let (reader, name) = open_input(&args.input)?;
+    let stats =
+        crate::import::import(reader, &layout).with_context(|| format!("importing {name}"))?;
     tracing::info!(
         blobs_new = stats.blobs_new,
         bytes_new = stats.bytes_new,
@@ -128,14 +138,7 @@ pub(crate) async fn restore_from(
             "--apply-imagestreams needs --archive DIR (import the stream first)"
         )));
     }
-    let reader: Box<dyn io::Read + Send> = if is_dash(from) {
-        Box::new(io::stdin())
-    } else {
-        let file = File::open(from)
-            .with_context(|| format!("opening {}", from.display()))
-            .map_err(super::config_error)?;
-        Box::new(io::BufReader::with_capacity(1 << 20, file))
-    };
+    let (reader, _) = open_input(from)?;
     let mut report = crate::report::Report {
         command: "restore".into(),
         archive: from.display().to_string(),
