@@ -13,18 +13,28 @@ pub struct DigestError {
     pub reason: &'static str,
 }
 
-/// A validated `sha256:<64 lowercase hex>` digest; cheap to clone.
+/// A validated `sha256:<64 lowercase hex>` digest, held as its 32 bytes:
+/// no allocation, and archives of millions of tag events stay small in
+/// memory. Ordered as its text is (lowercase hex preserves byte order).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Digest(std::sync::Arc<str>);
+pub struct Digest([u8; 32]);
 
-// The hex is already uniformly distributed: 64 bits of it make a good hash
-// at a fraction of the cost of hashing the whole string (equality still
-// compares all of it).
+// The bytes are already uniformly distributed: 64 bits of them make a good
+// hash at a fraction of the cost of hashing all of them.
 impl std::hash::Hash for Digest {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         let mut b = [0u8; 8];
-        b.copy_from_slice(&self.0.as_bytes()[7..15]);
+        b.copy_from_slice(&self.0[..8]);
         state.write_u64(u64::from_le_bytes(b));
+    }
+}
+
+/// The text of a digest, built on the stack.
+struct Text([u8; 71]);
+
+impl Text {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("a digest's text is ASCII")
     }
 }
 
@@ -41,13 +51,20 @@ impl Digest {
         if hex.len() != 64 {
             return Err(err("a sha256 digest has 64 hex characters"));
         }
-        if !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(err("a sha256 digest is lowercase hex"));
+        // One pass that decodes and refuses anything but lowercase hex.
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let mut bytes = [0u8; 32];
+        for (out, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+            match (nibble(pair[0]), nibble(pair[1])) {
+                (Some(hi), Some(lo)) => *out = hi << 4 | lo,
+                _ => return Err(err("a sha256 digest is lowercase hex")),
+            }
         }
-        Ok(Digest(s.into()))
+        Ok(Digest(bytes))
     }
 
     /// The digest of `data`.
@@ -58,17 +75,19 @@ impl Digest {
 
     /// Builds a digest from a finished sha256 hash.
     pub fn from_sha256(hash: [u8; 32]) -> Self {
-        Digest(format!("sha256:{}", hex::encode(hash)).into())
+        Digest(hash)
+    }
+
+    fn text(&self) -> Text {
+        let mut t = [0u8; 71];
+        t[..7].copy_from_slice(b"sha256:");
+        hex::encode_to_slice(self.0, &mut t[7..]).expect("64 bytes hold 32 in hex");
+        Text(t)
     }
 
     /// The 64 hex characters: a safe file name.
-    pub fn hex(&self) -> &str {
-        &self.0[7..]
-    }
-
-    /// The full `sha256:<hex>` string.
-    pub fn as_str(&self) -> &str {
-        &self.0
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
     }
 
     /// The path of this blob relative to the layout root.
@@ -81,13 +100,13 @@ impl Digest {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.text().as_str())
     }
 }
 
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Digest({})", self.0)
+        write!(f, "Digest({self})")
     }
 }
 
@@ -100,14 +119,23 @@ impl FromStr for Digest {
 
 impl serde::Serialize for Digest {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        s.serialize_str(self.text().as_str())
     }
 }
 
 impl<'de> serde::Deserialize<'de> for Digest {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Digest::parse(&s).map_err(serde::de::Error::custom)
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Digest;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sha256:<hex> digest")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Digest, E> {
+                Digest::parse(s).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -120,10 +148,16 @@ mod tests {
     fn accepts_valid() {
         let d = Digest::of(b"hello");
         assert_eq!(
-            d.as_str(),
+            d.to_string(),
             "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
-        assert_eq!(Digest::parse(d.as_str()).unwrap(), d);
+        assert_eq!(Digest::parse(&d.to_string()).unwrap(), d);
+        assert_eq!(format!("{d:?}"), format!("Digest({d})"));
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);
+        // Ordered as the text is.
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        assert_eq!(a.cmp(&b), a.to_string().cmp(&b.to_string()));
     }
 
     #[test]
@@ -154,7 +188,8 @@ mod tests {
         fn hex_strings_roundtrip(h in "[0-9a-f]{64}") {
             let s = format!("sha256:{h}");
             let d = Digest::parse(&s).unwrap();
-            prop_assert_eq!(d.hex(), h.as_str());
+            prop_assert_eq!(d.hex(), h.clone());
+            prop_assert_eq!(d.to_string(), s);
         }
     }
 }

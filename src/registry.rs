@@ -396,7 +396,7 @@ impl RegistryClient {
 
     /// Pulls a manifest by digest, verifying the bytes against the digest.
     pub async fn pull_manifest(&self, repo: &str, digest: &Digest) -> Result<Bytes, RegistryError> {
-        let (reference, what) = self.target(repo, digest.as_str());
+        let (reference, what) = self.target(repo, &digest.to_string());
         self.retry(
             "pull manifest",
             &what,
@@ -429,7 +429,7 @@ impl RegistryClient {
         size: Option<u64>,
         layout: &Layout,
     ) -> Result<u64, RegistryError> {
-        let (reference, what) = self.target(repo, digest.as_str());
+        let (reference, what) = self.target(repo, &digest.to_string());
         let desc = oci_client::manifest::OciDescriptor {
             digest: digest.to_string(),
             size: size.unwrap_or(0) as i64,
@@ -485,7 +485,7 @@ impl RegistryClient {
 
     /// True when the repository has the blob (HEAD).
     pub async fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<bool, RegistryError> {
-        let (reference, what) = self.target(repo, digest.as_str());
+        let (reference, what) = self.target(repo, &digest.to_string());
         self.retry(
             "check blob",
             &what,
@@ -494,7 +494,7 @@ impl RegistryClient {
             || async {
                 self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
                 self.client
-                    .blob_exists(&reference, digest.as_str())
+                    .blob_exists(&reference, &digest.to_string())
                     .await
                     .map_err(Attempt::Oci)
             },
@@ -505,13 +505,13 @@ impl RegistryClient {
     /// Asks the registry to mount a blob from another repository. `false`
     /// when the registry refused (the caller then uploads).
     pub async fn mount_blob(&self, repo: &str, from: &str, digest: &Digest) -> bool {
-        let reference = self.reference(repo, digest.as_str());
-        let source = self.reference(from, digest.as_str());
+        let reference = self.reference(repo, &digest.to_string());
+        let source = self.reference(from, &digest.to_string());
         self.remember_auth().await;
         self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
         match self
             .client
-            .mount_blob(&reference, &source, digest.as_str())
+            .mount_blob(&reference, &source, &digest.to_string())
             .await
         {
             Ok(()) => true,
@@ -529,7 +529,7 @@ impl RegistryClient {
         digest: &Digest,
         layout: &Layout,
     ) -> Result<u64, RegistryError> {
-        let (reference, what) = self.target(repo, digest.as_str());
+        let (reference, what) = self.target(repo, &digest.to_string());
         let path = layout.blob_path(digest);
         self.retry(
             "push blob",
@@ -559,7 +559,7 @@ impl RegistryClient {
                         r.map_err(OciDistributionError::IoError)
                     });
                 self.client
-                    .push_blob_stream(&reference, stream, digest.as_str(), Some(size))
+                    .push_blob_stream(&reference, stream, &digest.to_string(), Some(size))
                     .await
                     .map_err(Attempt::Oci)?;
                 Ok(size)
@@ -575,7 +575,7 @@ impl RegistryClient {
         digest: &Digest,
         data: Bytes,
     ) -> Result<u64, RegistryError> {
-        let (reference, what) = self.target(repo, digest.as_str());
+        let (reference, what) = self.target(repo, &digest.to_string());
         let size = data.len() as u64;
         self.retry(
             "push blob",
@@ -588,7 +588,7 @@ impl RegistryClient {
                 let stream =
                     futures::stream::once(async move { Ok::<_, OciDistributionError>(body) });
                 self.client
-                    .push_blob_stream(&reference, stream, digest.as_str(), Some(size))
+                    .push_blob_stream(&reference, stream, &digest.to_string(), Some(size))
                     .await
                     .map_err(Attempt::Oci)?;
                 self.stats.bytes_out.fetch_add(size, Ordering::Relaxed);
@@ -611,7 +611,7 @@ impl RegistryClient {
     where
         S: futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
-        let (reference, what) = self.target(repo, digest.as_str());
+        let (reference, what) = self.target(repo, &digest.to_string());
         self.remember_auth().await;
         self.stats.push_requests.fetch_add(1, Ordering::Relaxed);
         let stats = self.stats.clone();
@@ -623,7 +623,7 @@ impl RegistryClient {
         });
         match self
             .client
-            .push_blob_stream(&reference, stream, digest.as_str(), Some(size))
+            .push_blob_stream(&reference, stream, &digest.to_string(), Some(size))
             .await
         {
             Ok(_) => Ok(size),

@@ -374,13 +374,13 @@ impl Pusher {
                         // A child of an index: pushed by digest before its index.
                         let present = self
                             .client
-                            .resolve(repo, node.digest.as_str())
+                            .resolve(repo, &node.digest.to_string())
                             .await
                             .map_err(|e| PushError::Registry(format!("image {image}: {e}")))?
                             .is_some();
                         if !present {
                             self.client
-                                .push_manifest(repo, node.digest.as_str(), bytes, media_type)
+                                .push_manifest(repo, &node.digest.to_string(), bytes, media_type)
                                 .await
                                 .map_err(|e| {
                                     PushError::Registry(format!(
