@@ -9,9 +9,11 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::digest::Digest;
+use crate::jsonfile::{self, JsonFile};
 
 /// The OCI ref name annotation.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -79,16 +81,6 @@ pub struct ArchiveIndex {
     /// Descriptors of other tools (unknown media types, no annotations of
     /// ours): kept as they are.
     pub foreign: Vec<Value>,
-}
-
-#[derive(Deserialize)]
-struct RawIndexIn<'a> {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    #[serde(borrow, default)]
-    manifests: Vec<&'a serde_json::value::RawValue>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -174,57 +166,170 @@ struct RawIndexOut<'a> {
     annotations: BTreeMap<&'static str, String>,
 }
 
+fn entry_of(i: usize, d: RawDescriptorIn) -> Result<Entry, String> {
+    let a = d.annotations;
+    let position = a
+        .position
+        .parse()
+        .map_err(|_| format!("manifests[{i}]: bad {ANN_POSITION}"))?;
+    let entry = Entry {
+        namespace: a.namespace.unwrap_or_default(),
+        stream: a.stream,
+        tag: a.tag,
+        position,
+        created: a.created,
+        reference: a.reference,
+        digest: d.digest,
+        media_type: d.media_type,
+        size: d.size,
+    };
+    if entry.stream.is_empty() || entry.tag.is_empty() {
+        return Err(format!("manifests[{i}]: stream or tag annotation missing"));
+    }
+    validate_names(&entry).map_err(|e| format!("manifests[{i}]: {e}"))?;
+    Ok(entry)
+}
+
+type Members<'a> = BTreeMap<String, &'a serde_json::value::RawValue>;
+
+fn check_schema(rest: &Members) -> Result<(), String> {
+    let version = match rest.get("schemaVersion") {
+        Some(v) => {
+            serde_json::from_str::<u32>(v.get()).map_err(|e| format!("schemaVersion: {e}"))?
+        }
+        None => return Err("missing field `schemaVersion`".into()),
+    };
+    if version != 2 {
+        return Err(format!("schemaVersion {version} is not 2"));
+    }
+    Ok(())
+}
+
+fn imagestreams_of(rest: &Members) -> Result<Option<Digest>, String> {
+    let Some(raw) = rest.get("annotations") else {
+        return Ok(None);
+    };
+    let annotations: BTreeMap<String, String> =
+        serde_json::from_str(raw.get()).map_err(|e| format!("annotations: {e}"))?;
+    annotations
+        .get(ANN_IMAGESTREAMS)
+        .map(|s| Digest::parse(s).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+/// What a plan needs of the committed index: the digest, media type and
+/// size of each archived tag event's image, held compactly (half a million
+/// entries fit in a few tens of megabytes).
+#[derive(Debug, Default)]
+pub struct Known {
+    media_types: Vec<String>,
+    map: HashMap<Digest, (u32, u16)>,
+}
+
+impl Known {
+    /// True when `digest` is an archived image.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.map.contains_key(digest)
+    }
+
+    /// Media type and size of an archived image.
+    pub fn get(&self, digest: &Digest) -> Option<(&str, u64)> {
+        self.map
+            .get(digest)
+            .map(|&(size, t)| (self.media_types[usize::from(t)].as_str(), u64::from(size)))
+    }
+
+    /// Records an archived image. (A manifest is at most a few megabytes;
+    /// one too large for the compact form is simply not recorded, and is
+    /// then found in the blob store.)
+    pub fn insert(&mut self, digest: Digest, media_type: &str, size: u64) {
+        let Ok(size) = u32::try_from(size) else {
+            return;
+        };
+        let t = match self.media_types.iter().position(|m| m == media_type) {
+            Some(t) => t,
+            None => {
+                self.media_types.push(media_type.to_string());
+                self.media_types.len() - 1
+            }
+        };
+        if let Ok(t) = u16::try_from(t) {
+            self.map.insert(digest, (size, t));
+        }
+    }
+
+    /// Number of archived images recorded.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Reads the images of a mapped `index.json` (our entries; descriptors
+    /// of other tools are not images of ours), releasing what was parsed.
+    pub fn from_file(file: &JsonFile) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Descriptor<'a> {
+            #[serde(rename = "mediaType", borrow)]
+            media_type: Cow<'a, str>,
+            digest: Digest,
+            size: u64,
+        }
+        let mut known = Known::default();
+        let ours = memchr::memmem::Finder::new(ANN_NAMESPACE);
+        let rest = jsonfile::scan_array(file.bytes(), "manifests", &mut |i, value| {
+            let text = value.get();
+            if ours.find(text.as_bytes()).is_some() {
+                let d: Descriptor =
+                    serde_json::from_str(text).map_err(|e| format!("manifests[{i}]: {e}"))?;
+                known.insert(d.digest, &d.media_type, d.size);
+            }
+            file.release_through(text);
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+        check_schema(&rest)?;
+        Ok(known)
+    }
+}
+
 impl ArchiveIndex {
     /// Parses `index.json` bytes.
     pub fn from_json(data: &[u8]) -> Result<Self, String> {
-        let raw: RawIndexIn = serde_json::from_slice(data).map_err(|e| e.to_string())?;
-        if raw.schema_version != 2 {
-            return Err(format!("schemaVersion {} is not 2", raw.schema_version));
-        }
-        let mut index = ArchiveIndex {
-            imagestreams: raw
-                .annotations
-                .get(ANN_IMAGESTREAMS)
-                .map(|s| Digest::parse(s).map_err(|e| e.to_string()))
-                .transpose()?,
-            entries: Vec::with_capacity(raw.manifests.len()),
-            ..Default::default()
-        };
-        for (i, value) in raw.manifests.into_iter().enumerate() {
+        Self::read(data, &mut |_| {})
+    }
+
+    /// Parses a mapped `index.json`, releasing what was parsed.
+    pub fn from_file(file: &JsonFile) -> Result<Self, String> {
+        Self::read(file.bytes(), &mut |raw| file.release_through(raw))
+    }
+
+    fn read(data: &[u8], parsed: &mut dyn FnMut(&str)) -> Result<Self, String> {
+        let mut index = ArchiveIndex::default();
+        let finder = memchr::memmem::Finder::new(ANN_NAMESPACE);
+        let rest = jsonfile::scan_array(data, "manifests", &mut |i, value| {
             let text = value.get();
-            let ours = text.contains(ANN_NAMESPACE);
-            let parsed = ours
+            let ours = finder.find(text.as_bytes()).is_some();
+            let d = ours
                 .then(|| serde_json::from_str::<RawDescriptorIn>(text))
                 .transpose()
-                .map_err(|e| format!("manifests[{i}]: {e}"))?;
-            let Some(d) = parsed.filter(|d| d.annotations.namespace.is_some()) else {
-                index
+                .map_err(|e| format!("manifests[{i}]: {e}"))?
+                .filter(|d| d.annotations.namespace.is_some());
+            match d {
+                Some(d) => index.entries.push(entry_of(i, d)?),
+                None => index
                     .foreign
-                    .push(serde_json::from_str(text).map_err(|e| format!("manifests[{i}]: {e}"))?);
-                continue;
-            };
-            let a = d.annotations;
-            let position = a
-                .position
-                .parse()
-                .map_err(|_| format!("manifests[{i}]: bad {ANN_POSITION}"))?;
-            let entry = Entry {
-                namespace: a.namespace.unwrap_or_default(),
-                stream: a.stream,
-                tag: a.tag,
-                position,
-                created: a.created,
-                reference: a.reference,
-                digest: d.digest,
-                media_type: d.media_type,
-                size: d.size,
-            };
-            if entry.stream.is_empty() || entry.tag.is_empty() {
-                return Err(format!("manifests[{i}]: stream or tag annotation missing"));
+                    .push(serde_json::from_str(text).map_err(|e| format!("manifests[{i}]: {e}"))?),
             }
-            validate_names(&entry).map_err(|e| format!("manifests[{i}]: {e}"))?;
-            index.entries.push(entry);
-        }
+            parsed(text);
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+        check_schema(&rest)?;
+        index.imagestreams = imagestreams_of(&rest)?;
         index.sort();
         Ok(index)
     }

@@ -19,6 +19,7 @@ use sha2::Digest as _;
 
 use crate::digest::Digest;
 use crate::index::ArchiveIndex;
+use crate::jsonfile::JsonFile;
 
 /// Name of the directory holding temp files of blobs being written.
 pub const INGEST_DIR: &str = ".ingest";
@@ -418,16 +419,30 @@ impl Layout {
 
     /// Reads the committed `index.json`; an absent one is an empty index.
     pub fn read_index(&self) -> Result<ArchiveIndex, LayoutError> {
+        self.with_index(ArchiveIndex::from_file)
+    }
+
+    /// Reads what a plan needs of the committed `index.json` (digests,
+    /// media types and sizes of the archived images), in little memory.
+    pub fn read_known(&self) -> Result<crate::index::Known, LayoutError> {
+        self.with_index(crate::index::Known::from_file)
+    }
+
+    fn with_index<T: Default>(
+        &self,
+        parse: impl FnOnce(&JsonFile) -> Result<T, String>,
+    ) -> Result<T, LayoutError> {
         let path = self.root.join("index.json");
-        let data = match fs::metadata(&path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ArchiveIndex::default()),
-            Err(e) => return Err(io_err("stat", &path)(e)),
-            Ok(m) if m.len() > MAX_INDEX_SIZE => {
-                return Err(self.corrupt(&path, format!("{} bytes is too large", m.len())))
-            }
-            Ok(_) => fs::read(&path).map_err(io_err("read", &path))?,
+        let file = match JsonFile::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(T::default()),
+            Err(e) => return Err(io_err("read", &path)(e)),
+            Ok(f) => f,
         };
-        ArchiveIndex::from_json(&data).map_err(|e| self.corrupt(&path, e))
+        let len = file.bytes().len() as u64;
+        if len > MAX_INDEX_SIZE {
+            return Err(self.corrupt(&path, format!("{len} bytes is too large")));
+        }
+        parse(&file).map_err(|e| self.corrupt(&path, e))
     }
 
     fn corrupt(&self, path: &Path, reason: String) -> LayoutError {
@@ -439,9 +454,19 @@ impl Layout {
     }
 
     /// Commits `index` as the new `index.json`: the single atomic commit point.
+    ///
+    /// An index identical to the committed one is not written again: an
+    /// unchanged run leaves `index.json` untouched (same inode and mtime,
+    /// so file-level backup tools such as restic skip it).
     pub fn commit(&self, index: &ArchiveIndex) -> Result<(), LayoutError> {
         debug_assert_eq!(self.access, Access::Write);
-        self.write_file_atomic("index.json", &index.to_json())
+        let json = index.to_json();
+        let unchanged = JsonFile::open(&self.root.join("index.json"))
+            .is_ok_and(|old| old.bytes() == json.as_slice());
+        if unchanged {
+            return Ok(());
+        }
+        self.write_file_atomic("index.json", &json)
     }
 
     /// Writes a top-level file atomically (temp, fsync, rename, fsync dir).

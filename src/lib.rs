@@ -23,6 +23,7 @@ pub mod gc;
 pub mod imagestream;
 pub mod import;
 pub mod index;
+pub mod jsonfile;
 pub mod layout;
 pub mod list;
 pub mod manifest;
