@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::digest::Digest;
-use crate::imagestream::{self, ImageRef, ImageStream};
-use crate::index::{ArchiveIndex, Entry};
+use crate::imagestream::{self, ImageRef, StreamRecord};
+use crate::index::{ArchiveIndex, Entry, Known};
+use crate::jsonfile::JsonFile;
 use crate::layout::{Layout, LayoutError};
 use crate::manifest::{self, Parsed};
 use crate::registry::RegistryClient;
 use crate::report::{Failure, Report};
 use crate::transfer::{self, human_bytes};
+use serde_json::value::RawValue;
 
 /// What the backup was asked to do.
 #[derive(Debug, Clone, Default)]
@@ -60,11 +62,12 @@ pub struct BlobNeed {
 /// The plan of a backup.
 #[derive(Debug, Default)]
 pub struct Plan {
-    streams: Vec<ImageStream>,
-    refs: Vec<ImageRef>,
+    /// The streams, each with the tag events to archive.
+    streams: Vec<StreamRecord>,
     external_skipped: Vec<ImageRef>,
-    /// Top-level images already complete in the archive.
-    present: HashSet<Digest>,
+    /// Top-level images not complete in the archive (or to be fetched
+    /// again): the others are present.
+    missing: HashSet<Digest>,
     /// Manifests fetched, keyed by digest.
     fetched: HashMap<Digest, Fetched>,
     /// Top-level digest -> the manifests of its tree, children first.
@@ -81,12 +84,23 @@ pub struct Plan {
     pub blobs_present: usize,
     /// Their bytes.
     pub bytes_present: u64,
-    /// Media type and size of committed entries, from the previous index.
-    known: HashMap<Digest, (String, u64)>,
-    previous: ArchiveIndex,
+    /// Media type and size of archived images: from the previous index,
+    /// then this run's.
+    known: Known,
 }
 
 impl Plan {
+    /// True when the top-level image `digest` is complete in the archive
+    /// and not to be fetched again.
+    fn is_present(&self, digest: &Digest) -> bool {
+        !self.missing.contains(digest)
+    }
+
+    /// The tag events to archive, stream by stream.
+    fn refs(&self) -> impl Iterator<Item = &ImageRef> {
+        self.streams.iter().flat_map(|s| s.refs.iter())
+    }
+
     /// One failure reason, for messages.
     pub fn first_failure(&self) -> Option<String> {
         self.failed.values().min().cloned()
@@ -123,51 +137,42 @@ fn repo_of(r: &ImageRef) -> String {
 pub async fn plan(
     layout: Arc<Layout>,
     client: &RegistryClient,
-    streams: Vec<ImageStream>,
-    previous: ArchiveIndex,
+    mut streams: Vec<StreamRecord>,
+    known: Known,
     opts: &BackupOptions,
 ) -> Result<Plan, LayoutError> {
     let mut plan = Plan {
-        known: previous
-            .entries
-            .iter()
-            .map(|e| (e.digest.clone(), (e.media_type.clone(), e.size)))
-            .collect(),
-        previous,
+        known,
         ..Default::default()
     };
-    for is in &streams {
-        let (refs, bad) = imagestream::images_of(is);
-        plan.bad_events.extend(bad.into_iter().map(|b| Failure {
-            namespace: is.metadata.namespace.clone(),
-            imagestream: is.metadata.name.clone(),
-            tag: String::new(),
-            position: None,
-            digest: None,
-            reason: format!("{}: {}", b.what, b.reason),
-        }));
-        for r in refs {
-            let external = !r.docker_image_reference.is_empty()
-                && !imagestream::is_on_registry(
-                    &r.docker_image_reference,
-                    client.host(),
-                    &is.status.docker_image_repository,
-                );
-            if external && opts.skip_external {
-                plan.external_skipped.push(r);
-            } else {
-                plan.refs.push(r);
-            }
+    for is in &mut streams {
+        plan.bad_events
+            .extend(std::mem::take(&mut is.bad).into_iter().map(|b| Failure {
+                namespace: is.namespace.to_string(),
+                imagestream: is.name.to_string(),
+                tag: String::new(),
+                position: None,
+                digest: None,
+                reason: format!("{}: {}", b.what, b.reason),
+            }));
+        if opts.skip_external {
+            let (external, refs) = std::mem::take(&mut is.refs)
+                .into_iter()
+                .partition(|r| r.is_external(client.host()));
+            is.refs = refs;
+            plan.external_skipped.extend::<Vec<_>>(external);
         }
     }
     plan.streams = streams;
 
     // Distinct missing images, each with the repositories that may serve it.
     let mut candidates: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
-    for r in &plan.refs {
+    let (mut events, mut present) = (0usize, 0usize);
+    for r in plan.refs() {
+        events += 1;
         let forced = opts.force.contains(&r.digest);
-        if !forced && (plan.known.contains_key(&r.digest) || layout.has_blob(&r.digest)) {
-            plan.present.insert(r.digest.clone());
+        if !forced && (plan.known.contains(&r.digest) || layout.has_blob(&r.digest)) {
+            present += 1;
             continue;
         }
         let repos = candidates.entry(r.digest.clone()).or_default();
@@ -176,9 +181,10 @@ pub async fn plan(
             repos.push(repo);
         }
     }
+    plan.missing = candidates.keys().cloned().collect();
     tracing::info!(
-        images = plan.present.len() + candidates.len(),
-        present = plan.present.len(),
+        tag_events = events,
+        present,
         missing = candidates.len(),
         "planning"
     );
@@ -430,10 +436,8 @@ pub async fn execute(
             }
             None => {
                 let f = &plan.fetched[&top];
-                plan.known.insert(
-                    top.clone(),
-                    (f.parsed.media_type.clone(), f.bytes.len() as u64),
-                );
+                plan.known
+                    .insert(top.clone(), &f.parsed.media_type, f.bytes.len() as u64);
             }
         }
     }
@@ -446,35 +450,19 @@ pub async fn execute(
 
 /// Fills the report from the plan (used for dry runs and real runs).
 pub fn summarize(plan: &Plan, report: &mut Report, dry_run: bool) {
-    let mut images: HashSet<&Digest> = HashSet::new();
+    let mut images: HashSet<&Digest> = HashSet::with_capacity(plan.refs().count());
+    let totals = &mut report.totals;
+    totals.imagestreams = plan.streams.len();
     for is in &plan.streams {
         let s = report.imagestreams.entry(is.key()).or_default();
-        s.tags = is
-            .status
-            .tags
-            .iter()
-            .filter(|t| !t.items.is_empty())
-            .count();
-        s.history_items = is
-            .status
-            .tags
-            .iter()
-            .map(|t| t.items.len().saturating_sub(1))
-            .sum();
-        report.totals.tags += s.tags;
-        report.totals.history_items += s.history_items;
-    }
-    report.totals.imagestreams = plan.streams.len();
-    // Refs come grouped by stream: one report entry per group.
-    for group in plan
-        .refs
-        .chunk_by(|a, b| a.namespace == b.namespace && a.stream == b.stream)
-    {
-        let s = report.imagestreams.entry(repo_of(&group[0])).or_default();
-        let mut seen: HashSet<&Digest> = HashSet::with_capacity(group.len());
-        for r in group {
-            images.insert(&r.digest);
-            if let Some(reason) = plan.failed.get(&r.digest) {
+        s.tags = is.tags;
+        s.history_items = is.history_items;
+        totals.tags += s.tags;
+        totals.history_items += s.history_items;
+        let mut seen: HashSet<&Digest> = HashSet::with_capacity(is.refs.len());
+        for r in &is.refs {
+            let failed = plan.failed.get(&r.digest);
+            if let Some(reason) = failed {
                 // Every tag event of a failed image is named.
                 s.failures.push(Failure {
                     namespace: r.namespace.to_string(),
@@ -488,10 +476,21 @@ pub fn summarize(plan: &Plan, report: &mut Report, dry_run: bool) {
             if !seen.insert(&r.digest) {
                 continue;
             }
-            if plan.present.contains(&r.digest) {
+            let present = plan.is_present(&r.digest);
+            if present {
                 s.images_skipped += 1;
-            } else if !plan.failed.contains_key(&r.digest) {
+            } else if failed.is_none() {
                 s.images_new += 1;
+            }
+            if images.insert(&r.digest) {
+                totals.images += 1;
+                if present {
+                    totals.images_skipped += 1;
+                } else if failed.is_some() {
+                    totals.images_failed += 1;
+                } else {
+                    totals.images_new += 1;
+                }
             }
         }
     }
@@ -510,14 +509,6 @@ pub fn summarize(plan: &Plan, report: &mut Report, dry_run: bool) {
             .failures
             .push(f.clone());
     }
-    report.totals.images = images.len();
-    report.totals.images_skipped = images.iter().filter(|d| plan.present.contains(**d)).count();
-    report.totals.images_failed = images
-        .iter()
-        .filter(|d| plan.failed.contains_key(**d))
-        .count();
-    report.totals.images_new =
-        report.totals.images - report.totals.images_skipped - report.totals.images_failed;
     report.totals.blobs_skipped = plan.blobs_present;
     report.totals.bytes_skipped = plan.bytes_present;
     if dry_run {
@@ -541,7 +532,7 @@ fn merge_index(
     let discovered: HashSet<(&str, &str)> = plan
         .streams
         .iter()
-        .map(|is| (is.metadata.namespace.as_str(), is.metadata.name.as_str()))
+        .map(|is| (&*is.namespace, &*is.name))
         .collect();
     let mut entries: Vec<Entry> = Vec::new();
     // Current tag events that are archived, and each tag's next free
@@ -549,14 +540,14 @@ fn merge_index(
     // index, no copies).
     let mut current: HashSet<(&str, &str, &str, &Digest)> = HashSet::new();
     let mut next_position: HashMap<(&str, &str, &str), usize> = HashMap::new();
-    let all_refs = plan.refs.iter().chain(plan.external_skipped.iter());
+    let all_refs = plan.refs().chain(plan.external_skipped.iter());
     for r in all_refs {
         let np = next_position
             .entry((&r.namespace, &r.stream, &r.tag))
             .or_insert(1);
         *np = (*np).max(r.position + 1);
         let meta = match plan.known.get(&r.digest) {
-            Some(m) => Some(m.clone()),
+            Some((media_type, size)) => Some((media_type.to_string(), size)),
             None if layout.has_blob(&r.digest) => {
                 let bytes = layout.read_small_blob(&r.digest)?;
                 manifest::parse(&r.digest, &bytes, None)
@@ -577,21 +568,20 @@ fn merge_index(
             digest: r.digest.clone(),
             media_type,
             size,
-            created: r.created.clone(),
-            reference: r.docker_image_reference.clone(),
+            created: r.created.to_string(),
+            reference: r.docker_image_reference().into_owned(),
         });
     }
     // Tags whose new image failed: nothing of theirs is pruned this run.
     let failed_tags: HashSet<(&str, &str, &str)> = plan
-        .refs
-        .iter()
+        .refs()
         .filter(|r| plan.failed.contains_key(&r.digest))
         .map(|r| (&*r.namespace, &*r.stream, &*r.tag))
         .collect();
     // Earlier entries: kept unless their stream was discovered and they are
     // in its status (then they were re-added above) or pruned. Decided
     // first (borrowing), then moved.
-    let previous = std::mem::take(&mut plan.previous);
+    let previous = layout.read_index()?;
     let mut decisions: Vec<Option<usize>> = Vec::with_capacity(previous.entries.len());
     for e in &previous.entries {
         let (ns, stream, tag) = (e.namespace.as_str(), e.stream.as_str(), e.tag.as_str());
@@ -629,24 +619,41 @@ fn merge_index(
             entries.push(e);
         }
     }
-    // The ImageStream objects: this run's replace earlier ones.
-    let mut earlier = Vec::new();
-    if let Some(d) = &previous.imagestreams {
-        let bytes = std::fs::read(layout.blob_path(d)).map_err(|source| LayoutError::Io {
-            op: "read ImageStream list",
-            path: layout.blob_path(d),
-            source,
-        })?;
-        match imagestream::parse_list(&bytes, "archived ImageStream list") {
-            Ok(list) => earlier = list,
-            Err(e) => tracing::warn!("{e}; keeping only this run's ImageStream objects"),
+    // The ImageStream objects: this run's replace earlier ones (kept as
+    // archived, unparsed).
+    let earlier = match &previous.imagestreams {
+        Some(d) => {
+            let path = layout.blob_path(d);
+            let file = JsonFile::open(&path).map_err(|source| LayoutError::Io {
+                op: "read ImageStream list",
+                path: path.clone(),
+                source,
+            })?;
+            Some(file)
+        }
+        None => None,
+    };
+    let mut objects: BTreeMap<String, &RawValue> = BTreeMap::new();
+    if let Some(file) = &earlier {
+        let scanned =
+            imagestream::scan_list(file.bytes(), "archived ImageStream list", &mut |_, raw| {
+                let key = imagestream::key_of(raw)?;
+                // Borrowed from the map, which outlives `objects`.
+                let raw: &RawValue = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+                objects.insert(key, raw);
+                Ok(())
+            });
+        if let Err(e) = scanned {
+            tracing::warn!("{e}; keeping only this run's ImageStream objects");
+            objects.clear();
         }
     }
-    let mut streams: BTreeMap<String, &ImageStream> = BTreeMap::new();
-    for is in earlier.iter().chain(plan.streams.iter()) {
-        streams.insert(is.key(), is);
+    for is in &plan.streams {
+        if let Some(object) = &is.object {
+            objects.insert(is.key(), object);
+        }
     }
-    let list_json = imagestream::list_json(streams.into_values());
+    let list_json = imagestream::list_json(objects.into_values());
     let list_digest = Digest::of(&list_json);
     layout.write_blob(&list_digest, &list_json)?;
 

@@ -20,7 +20,7 @@
 //! The service-account token never appears in an error or a log line: errors
 //! carry the operation, the namespace and the API server's `Status` message.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use http::{HeaderMap, StatusCode};
 use kube::api::ListParams;
 use serde_json::Value;
 
-use crate::imagestream::{self, ImageStream, ImageStreamError};
+use crate::imagestream::{self, ImageStream, ImageStreamError, StreamRecord};
 
 /// The API group and version of ImageStreams.
 pub const IMAGE_API: &str = "/apis/image.openshift.io/v1";
@@ -99,9 +99,9 @@ impl RetryPolicy {
 
 /// The ImageStreams found, and what went wrong in some namespaces.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Discovered {
+pub struct Discovered<T = ImageStream> {
     /// The streams, sorted by namespace then name, without duplicates.
-    pub streams: Vec<ImageStream>,
+    pub streams: Vec<T>,
     /// Namespaces (or items) that could not be listed; the rest went on.
     pub problems: Vec<DiscoveryProblem>,
 }
@@ -294,7 +294,7 @@ pub async fn discover(
             }
         }
     }
-    let streams = sort_dedup(streams);
+    let streams = sort_dedup(streams, |is| (&is.metadata.namespace, &is.metadata.name));
     tracing::info!(
         streams = streams.len(),
         problems = problems.len(),
@@ -314,6 +314,67 @@ pub fn from_file(path: &Path, opts: &DiscoveryOptions) -> Result<Discovered, Dis
     })
 }
 
+/// What a backup reads of an ImageStream file, item by item (the file is
+/// never held whole in memory): the streams `opts` selects as
+/// [`StreamRecord`]s, with their objects when `keep_objects`.
+pub fn records_from_file(
+    path: &Path,
+    opts: &DiscoveryOptions,
+    keep_objects: bool,
+) -> Result<Discovered<StreamRecord>, DiscoveryError> {
+    let file = imagestream::open(path)?;
+    let mut streams = Vec::new();
+    imagestream::scan_list(file.bytes(), &path.display().to_string(), &mut |_, raw| {
+        let record = StreamRecord::parse(raw, keep_objects)?;
+        file.release_through(raw);
+        if wanted(
+            &record.namespace,
+            &record.labels,
+            &opts.namespaces,
+            opts.selector.as_deref(),
+        ) {
+            streams.push(record);
+        }
+        Ok(())
+    })?;
+    Ok(Discovered {
+        streams: sort_dedup(streams, |r| (&r.namespace, &r.name)),
+        problems: Vec::new(),
+    })
+}
+
+/// The [`StreamRecord`]s of discovered streams, with their objects when
+/// `keep_objects`; a stream that cannot be read is a problem.
+pub fn records_of(discovered: Discovered, keep_objects: bool) -> Discovered<StreamRecord> {
+    let mut problems = discovered.problems;
+    let streams = discovered
+        .streams
+        .iter()
+        .filter_map(|is| {
+            StreamRecord::from_stream(is, keep_objects)
+                .map_err(|reason| {
+                    problems.push(DiscoveryProblem {
+                        namespace: Some(is.metadata.namespace.clone()),
+                        message: format!("ImageStream {}: {reason}", is.key()),
+                        kind: ProblemKind::Other,
+                    })
+                })
+                .ok()
+        })
+        .collect();
+    Discovered { streams, problems }
+}
+
+fn wanted(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    namespaces: &[String],
+    selector: Option<&str>,
+) -> bool {
+    (namespaces.is_empty() || namespaces.iter().any(|n| n == namespace))
+        && selector.is_none_or(|s| imagestream::matches_selector(labels, s))
+}
+
 /// Keeps the streams in `namespaces` (all when empty) whose labels match
 /// `selector`, sorted by namespace and name, without duplicates.
 pub fn filter_streams(
@@ -323,20 +384,22 @@ pub fn filter_streams(
 ) -> Vec<ImageStream> {
     let kept = streams
         .into_iter()
-        .filter(|is| namespaces.is_empty() || namespaces.contains(&is.metadata.namespace))
-        .filter(|is| selector.is_none_or(|s| imagestream::matches_selector(&is.metadata.labels, s)))
+        .filter(|is| {
+            wanted(
+                &is.metadata.namespace,
+                &is.metadata.labels,
+                namespaces,
+                selector,
+            )
+        })
         .collect();
-    sort_dedup(kept)
+    sort_dedup(kept, |is| (&is.metadata.namespace, &is.metadata.name))
 }
 
 /// Sorts by namespace then name and drops later duplicates.
-fn sort_dedup(mut streams: Vec<ImageStream>) -> Vec<ImageStream> {
-    streams.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    streams.dedup_by(|b, a| {
-        a.metadata.namespace == b.metadata.namespace && a.metadata.name == b.metadata.name
-    });
+fn sort_dedup<T, K: Ord + ?Sized>(mut streams: Vec<T>, key: impl Fn(&T) -> (&K, &K)) -> Vec<T> {
+    streams.sort_by(|a, b| key(a).cmp(&key(b)));
+    streams.dedup_by(|b, a| key(a) == key(b));
     streams
 }
 
@@ -735,12 +798,15 @@ mod tests {
 
     #[test]
     fn sorts_and_dedups_by_namespace_then_name() {
-        let out = sort_dedup(vec![
-            stream("b", "x", &[]),
-            stream("a", "z", &[]),
-            stream("a", "y", &[]),
-            stream("b", "x", &[]),
-        ]);
+        let out = sort_dedup(
+            vec![
+                stream("b", "x", &[]),
+                stream("a", "z", &[]),
+                stream("a", "y", &[]),
+                stream("b", "x", &[]),
+            ],
+            |is| (&is.metadata.namespace, &is.metadata.name),
+        );
         let keys: Vec<_> = out.iter().map(ImageStream::key).collect();
         assert_eq!(keys, ["a/y", "a/z", "b/x"]);
     }

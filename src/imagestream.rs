@@ -6,10 +6,15 @@
 //! discovered (spec and status), minus nothing.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::digest::Digest;
+use crate::jsonfile::{self, JsonFile};
 
 /// Errors while reading ImageStream JSON.
 #[derive(Debug, thiserror::Error)]
@@ -150,22 +155,48 @@ impl ImageStream {
 }
 
 /// One image to archive: a tag event of a stream, with its position.
+///
+/// Kept small: a cluster of 10,000 streams has half a million of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
     /// Namespace of the stream (shared by all refs of the stream).
-    pub namespace: std::sync::Arc<str>,
+    pub namespace: Arc<str>,
     /// Name of the stream (shared).
-    pub stream: std::sync::Arc<str>,
+    pub stream: Arc<str>,
     /// Tag name (shared by the tag's events).
-    pub tag: std::sync::Arc<str>,
+    pub tag: Arc<str>,
     /// 0 for the current image, 1.. for history, newest first.
     pub position: usize,
     /// The manifest digest.
     pub digest: Digest,
     /// The tag event's `created`.
-    pub created: String,
+    pub created: Box<str>,
+    /// The stream's `status.dockerImageRepository` (shared).
+    pub repository: Arc<str>,
+    /// The tag event's `dockerImageReference` when it is not
+    /// `<repository>@<digest>` (which is what the registry records).
+    other_reference: Option<Box<str>>,
+}
+
+impl ImageRef {
+    /// True when the tag event names an image on another registry than
+    /// `registry` and the cluster's internal one (`--skip-external`).
+    pub fn is_external(&self, registry: &str) -> bool {
+        match &self.other_reference {
+            Some(r) => !r.is_empty() && !is_on_registry(r, registry, &self.repository),
+            // `<repository>@<digest>`: a digest holds no `/`, so the
+            // repository decides.
+            None => !is_on_registry(&self.repository, registry, &self.repository),
+        }
+    }
+
     /// The tag event's `dockerImageReference`.
-    pub docker_image_reference: String,
+    pub fn docker_image_reference(&self) -> std::borrow::Cow<'_, str> {
+        match &self.other_reference {
+            Some(r) => std::borrow::Cow::Borrowed(r),
+            None => std::borrow::Cow::Owned(format!("{}@{}", self.repository, self.digest)),
+        }
+    }
 }
 
 /// A tag event that could not be turned into an [`ImageRef`].
@@ -177,33 +208,202 @@ pub struct BadTagEvent {
     pub reason: String,
 }
 
-/// Every image a stream references: each tag's current image and history.
-pub fn images_of(is: &ImageStream) -> (Vec<ImageRef>, Vec<BadTagEvent>) {
-    let mut out = Vec::new();
-    let mut bad = Vec::new();
-    let namespace: std::sync::Arc<str> = is.metadata.namespace.as_str().into();
-    let stream: std::sync::Arc<str> = is.metadata.name.as_str().into();
-    for tag in &is.status.tags {
-        let tag_name: std::sync::Arc<str> = tag.tag.as_str().into();
-        for (position, item) in tag.items.iter().enumerate() {
-            match Digest::parse(&item.image) {
-                Ok(digest) => out.push(ImageRef {
-                    namespace: namespace.clone(),
-                    stream: stream.clone(),
-                    tag: tag_name.clone(),
-                    position,
-                    digest,
-                    created: item.created.clone(),
-                    docker_image_reference: item.docker_image_reference.clone(),
-                }),
-                Err(e) => bad.push(BadTagEvent {
-                    what: format!("{}:{} item {}", is.key(), tag.tag, position),
-                    reason: e.to_string(),
-                }),
+/// What a backup needs of one ImageStream: its names, its tag events as
+/// [`ImageRef`]s, counts for the report, and (unless it is only planned)
+/// the object to archive.
+#[derive(Debug, Clone)]
+pub struct StreamRecord {
+    /// `metadata.namespace`.
+    pub namespace: Arc<str>,
+    /// `metadata.name`.
+    pub name: Arc<str>,
+    /// `metadata.labels`, for `--selector` on offline input.
+    pub labels: BTreeMap<String, String>,
+    /// Tags with at least one event.
+    pub tags: usize,
+    /// Tag events after each tag's current one.
+    pub history_items: usize,
+    /// Every tag event with a valid digest, tag by tag, newest first.
+    pub refs: Vec<ImageRef>,
+    /// Tag events without one.
+    pub bad: Vec<BadTagEvent>,
+    /// The object as the archive stores it (an [`ImageStream`] serialized:
+    /// no `managedFields`), when kept.
+    pub object: Option<Box<RawValue>>,
+}
+
+/// The fields of an ImageStream a backup reads, borrowed from its JSON.
+#[derive(Deserialize)]
+struct StreamView<'a> {
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    metadata: MetaView<'a>,
+    #[serde(borrow, default)]
+    status: StatusView<'a>,
+}
+
+#[derive(Deserialize)]
+struct MetaView<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    namespace: Cow<'a, str>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+struct StatusView<'a> {
+    #[serde(rename = "dockerImageRepository", borrow, default)]
+    docker_image_repository: Cow<'a, str>,
+    #[serde(borrow, default, deserialize_with = "null_as_default")]
+    tags: Vec<TagView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct TagView<'a> {
+    #[serde(borrow)]
+    tag: Cow<'a, str>,
+    #[serde(borrow, default, deserialize_with = "null_as_default")]
+    items: Vec<EventView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct EventView<'a> {
+    #[serde(borrow, default)]
+    created: Cow<'a, str>,
+    #[serde(rename = "dockerImageReference", borrow, default)]
+    docker_image_reference: Cow<'a, str>,
+    #[serde(borrow, default)]
+    image: Cow<'a, str>,
+}
+
+/// The checks every ImageStream passes before its names are used: kind,
+/// and names fit for API paths, registry URLs and ref names.
+fn check_identity(kind: &str, namespace: &str, name: &str) -> Result<(), String> {
+    if kind != "ImageStream" {
+        return Err(format!("kind {kind:?} is not ImageStream"));
+    }
+    if name.is_empty() || namespace.is_empty() {
+        return Err("metadata.name and metadata.namespace are required".into());
+    }
+    if !crate::index::is_valid_namespace(namespace) || !crate::index::is_valid_stream_name(name) {
+        return Err(format!(
+            "{namespace:?}/{name:?} is not a valid namespace/name"
+        ));
+    }
+    Ok(())
+}
+
+impl StreamRecord {
+    /// Reads one ImageStream's JSON. With `keep_object`, the object itself
+    /// is kept too (a full parse); without it only what a plan needs is
+    /// read.
+    pub fn parse(raw: &str, keep_object: bool) -> Result<Self, String> {
+        let view: StreamView = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+        check_identity(
+            view.kind.as_deref().unwrap_or("ImageStream"),
+            &view.metadata.namespace,
+            &view.metadata.name,
+        )?;
+        let object = if keep_object {
+            let is: ImageStream = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+            Some(serde_json::value::to_raw_value(&is).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        let namespace: Arc<str> = view.metadata.namespace.as_ref().into();
+        let name: Arc<str> = view.metadata.name.as_ref().into();
+        let repository: Arc<str> = view.status.docker_image_repository.as_ref().into();
+        let mut record = StreamRecord {
+            labels: view.metadata.labels,
+            tags: 0,
+            history_items: 0,
+            refs: Vec::with_capacity(view.status.tags.iter().map(|t| t.items.len()).sum()),
+            bad: Vec::new(),
+            object,
+            namespace,
+            name,
+        };
+        for tag in &view.status.tags {
+            record.tags += usize::from(!tag.items.is_empty());
+            record.history_items += tag.items.len().saturating_sub(1);
+            let tag_name: Arc<str> = tag.tag.as_ref().into();
+            for (position, item) in tag.items.iter().enumerate() {
+                match Digest::parse(&item.image) {
+                    Ok(digest) => {
+                        let reference = &*item.docker_image_reference;
+                        let derived = !repository.is_empty()
+                            && reference
+                                .strip_prefix(&*repository)
+                                .and_then(|r| r.strip_prefix('@'))
+                                .is_some_and(|d| d == item.image);
+                        record.refs.push(ImageRef {
+                            namespace: record.namespace.clone(),
+                            stream: record.name.clone(),
+                            tag: tag_name.clone(),
+                            position,
+                            digest,
+                            created: item.created.as_ref().into(),
+                            repository: repository.clone(),
+                            other_reference: (!derived).then(|| reference.into()),
+                        })
+                    }
+                    Err(e) => record.bad.push(BadTagEvent {
+                        what: format!(
+                            "{}/{}:{} item {}",
+                            record.namespace, record.name, tag.tag, position
+                        ),
+                        reason: e.to_string(),
+                    }),
+                }
             }
         }
+        Ok(record)
     }
-    (out, bad)
+
+    /// The record of a parsed stream.
+    pub fn from_stream(is: &ImageStream, keep_object: bool) -> Result<Self, String> {
+        Self::parse(
+            &serde_json::to_string(is).map_err(|e| e.to_string())?,
+            keep_object,
+        )
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// `namespace/name` of one ImageStream's JSON, checked as [`StreamRecord::parse`] checks it.
+pub fn key_of(raw: &str) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Names<'a> {
+        #[serde(borrow, default)]
+        kind: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        metadata: MetaView<'a>,
+    }
+    let n: Names = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+    let (namespace, name) = (&n.metadata.namespace, &n.metadata.name);
+    check_identity(n.kind.as_deref().unwrap_or("ImageStream"), namespace, name)?;
+    Ok(format!("{namespace}/{name}"))
+}
+
+/// Every image a stream references: each tag's current image and history.
+pub fn images_of(is: &ImageStream) -> (Vec<ImageRef>, Vec<BadTagEvent>) {
+    match StreamRecord::from_stream(is, false) {
+        Ok(r) => (r.refs, r.bad),
+        Err(reason) => (
+            Vec::new(),
+            vec![BadTagEvent {
+                what: is.key(),
+                reason,
+            }],
+        ),
+    }
 }
 
 /// True when `reference` (a `dockerImageReference`) names an image on `registry`.
@@ -213,83 +413,75 @@ pub fn is_on_registry(reference: &str, registry: &str, internal_repo: &str) -> b
     starts(registry) || starts(host)
 }
 
-/// Parses a single ImageStream or a `List` of them (the output of
-/// `oc get is -A -o json`). `origin` names the input in errors.
-pub fn parse_list(json: &[u8], origin: &str) -> Result<Vec<ImageStream>, ImageStreamError> {
+/// Walks a single ImageStream or a `List` of them (the output of
+/// `oc get is -A -o json`), calling `item` with each ImageStream's JSON as
+/// the parser reaches it. `origin` names the input in errors.
+pub fn scan_list<'a>(
+    json: &'a [u8],
+    origin: &str,
+    item: &mut dyn FnMut(usize, &'a str) -> Result<(), String>,
+) -> Result<(), ImageStreamError> {
     let shape = |reason: String| ImageStreamError::Shape {
         origin: origin.to_string(),
         reason,
     };
-    // Items stay raw (borrowed from the input) until each is parsed into
-    // its typed form: no intermediate tree of the whole document.
-    #[derive(Deserialize)]
-    struct Doc<'a> {
-        #[serde(default)]
-        kind: String,
-        #[serde(borrow, default)]
-        items: Option<Vec<&'a serde_json::value::RawValue>>,
-    }
-    let doc: Doc = serde_json::from_slice(json).map_err(|e| shape(e.to_string()))?;
-    let parse_one = |i: usize, raw: &str| -> Result<ImageStream, ImageStreamError> {
-        let is: ImageStream =
-            serde_json::from_str(raw).map_err(|e| shape(format!("item {i}: {e}")))?;
-        if is.kind != "ImageStream" {
-            return Err(shape(format!(
-                "item {i}: kind {:?} is not ImageStream",
-                is.kind
-            )));
+    let rest = jsonfile::scan_array(json, "items", &mut |i, raw| {
+        item(i, raw.get()).map_err(|e| format!("item {i}: {e}"))
+    })
+    .map_err(|e| shape(e.to_string()))?;
+    let kind = match rest.get("kind") {
+        Some(raw) => {
+            serde_json::from_str::<String>(raw.get()).map_err(|e| shape(format!("kind: {e}")))?
         }
-        if is.metadata.name.is_empty() || is.metadata.namespace.is_empty() {
-            return Err(shape(format!(
-                "item {i}: metadata.name and metadata.namespace are required"
-            )));
-        }
-        // Names go into API paths, registry URLs and ref names.
-        if !crate::index::is_valid_namespace(&is.metadata.namespace)
-            || !crate::index::is_valid_stream_name(&is.metadata.name)
-        {
-            return Err(shape(format!(
-                "item {i}: {:?}/{:?} is not a valid namespace/name",
-                is.metadata.namespace, is.metadata.name
-            )));
-        }
-        Ok(is)
+        None => String::new(),
     };
-    match doc.kind.as_str() {
+    match kind.as_str() {
+        "List" | "ImageStreamList" => Ok(()),
+        // A single object has no items: its members are all in `rest`.
         "ImageStream" => {
             let text = std::str::from_utf8(json).map_err(|e| shape(e.to_string()))?;
-            Ok(vec![parse_one(0, text)?])
+            item(0, text).map_err(shape)
         }
-        "List" | "ImageStreamList" => doc
-            .items
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-            .map(|(i, raw)| parse_one(i, raw.get()))
-            .collect(),
         other => Err(shape(format!("unexpected kind {other:?}"))),
     }
 }
 
+/// Parses a single ImageStream or a `List` of them.
+pub fn parse_list(json: &[u8], origin: &str) -> Result<Vec<ImageStream>, ImageStreamError> {
+    let mut out = Vec::new();
+    scan_list(json, origin, &mut |_, raw| {
+        let is: ImageStream = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+        check_identity(&is.kind, &is.metadata.namespace, &is.metadata.name)?;
+        out.push(is);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// Reads [`parse_list`] input from a file.
 pub fn read_file(path: &Path) -> Result<Vec<ImageStream>, ImageStreamError> {
-    let data = std::fs::read(path).map_err(|source| ImageStreamError::Read {
+    let file = open(path)?;
+    parse_list(file.bytes(), &path.display().to_string())
+}
+
+/// Opens an ImageStream file for [`scan_list`].
+pub fn open(path: &Path) -> Result<JsonFile, ImageStreamError> {
+    JsonFile::open(path).map_err(|source| ImageStreamError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    parse_list(&data, &path.display().to_string())
+    })
 }
 
 /// Serializes a set of streams as an `oc get is -o json` List, directly
 /// (no intermediate tree).
-pub fn list_json<'a>(streams: impl IntoIterator<Item = &'a ImageStream>) -> Vec<u8> {
+pub fn list_json<T: Serialize>(streams: impl IntoIterator<Item = T>) -> Vec<u8> {
     #[derive(Serialize)]
-    struct ListOut<'a> {
+    struct ListOut<T> {
         #[serde(rename = "apiVersion")]
         api_version: &'static str,
         kind: &'static str,
         metadata: Value,
-        items: Vec<&'a ImageStream>,
+        items: Vec<T>,
     }
     serde_json::to_vec(&ListOut {
         api_version: "v1",
@@ -346,12 +538,17 @@ mod tests {
         assert_eq!(refs.len(), 2);
         assert_eq!(refs[1].position, 1);
         assert!(is_on_registry(
-            &refs[0].docker_image_reference,
+            &refs[0].docker_image_reference(),
             "x:5000",
             &list[0].status.docker_image_repository
         ));
+        assert!(refs[0].other_reference.is_none());
+        assert_eq!(
+            refs[1].docker_image_reference(),
+            "quay.io/x/y@sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+        );
         assert!(!is_on_registry(
-            &refs[1].docker_image_reference,
+            &refs[1].docker_image_reference(),
             "x:5000",
             &list[0].status.docker_image_repository
         ));
@@ -363,6 +560,15 @@ mod tests {
             "ImportSuccess"
         );
         assert!(images_of(&list[1]).0.is_empty());
+        // --skip-external: the internal registry's host or the one backed
+        // up from are not external; another registry is; no reference at
+        // all is not.
+        assert!(!refs[0].is_external("x:5000"));
+        assert!(refs[1].is_external("x:5000"));
+        assert!(!refs[1].is_external("quay.io"));
+        let mut none = refs[1].clone();
+        none.other_reference = Some("".into());
+        assert!(!none.is_external("x:5000"));
     }
 
     #[test]

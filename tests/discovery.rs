@@ -347,7 +347,7 @@ async fn empty_status_tag_without_items_and_external_images() {
         .iter()
         .filter(|i| {
             !is_on_registry(
-                &i.docker_image_reference,
+                &i.docker_image_reference(),
                 fake_kube::INTERNAL_REGISTRY,
                 &nginx.status.docker_image_repository,
             )
@@ -359,7 +359,7 @@ async fn empty_status_tag_without_items_and_external_images() {
         "external images are kept, not filtered by discovery"
     );
     assert_eq!(
-        ext[0].docker_image_reference,
+        ext[0].docker_image_reference(),
         format!("quay.io/nginx/nginx@{}", external.digest("1.25", 0))
     );
     assert_eq!(ext[1].position, 1);

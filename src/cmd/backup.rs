@@ -32,21 +32,27 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
     if existing {
         let layout = Arc::new(open_layout(&args, scratch.path())?);
         let l = layout.clone();
-        index_task = Some(tokio::task::spawn_blocking(move || l.read_index()));
+        index_task = Some(tokio::task::spawn_blocking(move || l.read_known()));
         opened = Some(layout);
     }
+    // A dry run only plans: the objects themselves are not kept.
+    let keep_objects = !args.dry_run;
     let discovered = match &args.imagestreams_from {
         Some(path) => {
             let (path, dopts) = (path.clone(), dopts.clone());
-            tokio::task::spawn_blocking(move || discovery::from_file(&path, &dopts))
-                .await
-                .context("reading the ImageStream file")?
+            tokio::task::spawn_blocking(move || {
+                discovery::records_from_file(&path, &dopts, keep_objects)
+            })
+            .await
+            .context("reading the ImageStream file")?
         }
         None => {
             let kube = discovery::client_from_env()
                 .await
                 .map_err(super::config_error)?;
-            discovery::discover(&kube, &dopts).await
+            discovery::discover(&kube, &dopts)
+                .await
+                .map(|d| discovery::records_of(d, keep_objects))
         }
     }
     .map_err(super::config_error)?;
@@ -59,14 +65,14 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
         Some(l) => l,
         None => Arc::new(open_layout(&args, scratch.path())?),
     };
-    let previous = match index_task {
+    let known = match index_task {
         Some(task) => task.await.context("reading index.json")?,
-        None => layout.read_index(),
+        None => layout.read_known(),
     }
     .map_err(super::config_error)?;
     tracing::debug!(
         seconds = started.elapsed().as_secs_f64(),
-        entries = previous.entries.len(),
+        images = known.len(),
         "index read"
     );
 
@@ -99,7 +105,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
             .collect(),
         ..Default::default()
     };
-    let mut plan = backup::plan(layout.clone(), &client, discovered.streams, previous, &opts)
+    let mut plan = backup::plan(layout.clone(), &client, discovered.streams, known, &opts)
         .await
         .map_err(super::config_error)?;
     tracing::info!(
