@@ -324,7 +324,11 @@ pub async fn execute(
         Duration::from_secs(5),
         opts.progress,
     );
-    let blobs: Vec<(Digest, BlobNeed)> = plan.blobs.clone().into_iter().collect();
+    // Largest first: the long transfers start at once and the small ones
+    // fill the other slots around them, instead of a large blob starting
+    // last and running alone.
+    let mut blobs: Vec<(Digest, BlobNeed)> = plan.blobs.clone().into_iter().collect();
+    blobs.sort_by_key(|(_, need)| std::cmp::Reverse(need.size.unwrap_or(0)));
     let results = transfer::bounded(blobs, opts.jobs.max(1), {
         let client = client.clone();
         let layout = layout.clone();
@@ -638,8 +642,10 @@ fn merge_index(
         let scanned =
             imagestream::scan_list(file.bytes(), "archived ImageStream list", &mut |_, raw| {
                 let key = imagestream::key_of(raw)?;
-                // Borrowed from the map, which outlives `objects`.
+                // Borrowed from the map, which outlives `objects`; its
+                // pages may leave memory (they are read back if needed).
                 let raw: &RawValue = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+                file.release_through(raw.get());
                 objects.insert(key, raw);
                 Ok(())
             });
@@ -653,9 +659,22 @@ fn merge_index(
             objects.insert(is.key(), object);
         }
     }
-    let list_json = imagestream::list_json(objects.into_values());
-    let list_digest = Digest::of(&list_json);
-    layout.write_blob(&list_digest, &list_json)?;
+    // Hashed first, written only when new: an unchanged list costs no
+    // write and is never whole in memory.
+    let items: Vec<&RawValue> = objects.into_values().collect();
+    let write = |w: &mut dyn std::io::Write| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, w);
+        imagestream::write_list_json(items.clone(), &mut w)?;
+        std::io::Write::flush(&mut w)
+    };
+    let mut hasher = sha2::Sha256::default();
+    write(&mut hasher).expect("hashing cannot fail");
+    let list_digest = Digest::from_sha256(sha2::Digest::finalize(hasher).into());
+    if !layout.has_blob(&list_digest) {
+        let mut blob = layout.blob_writer(&list_digest, None)?;
+        write(&mut blob).map_err(|e| blob.error(e))?;
+        blob.finish()?;
+    }
 
     let mut index = ArchiveIndex {
         entries,

@@ -475,6 +475,13 @@ pub fn open(path: &Path) -> Result<JsonFile, ImageStreamError> {
 /// Serializes a set of streams as an `oc get is -o json` List, directly
 /// (no intermediate tree).
 pub fn list_json<T: Serialize>(streams: impl IntoIterator<Item = T>) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_list_json(streams.into_iter().collect(), &mut out).expect("writing to memory succeeds");
+    out
+}
+
+/// Writes what [`list_json`] returns.
+pub fn write_list_json<T: Serialize>(items: Vec<T>, w: impl std::io::Write) -> std::io::Result<()> {
     #[derive(Serialize)]
     struct ListOut<T> {
         #[serde(rename = "apiVersion")]
@@ -483,13 +490,16 @@ pub fn list_json<T: Serialize>(streams: impl IntoIterator<Item = T>) -> Vec<u8> 
         metadata: Value,
         items: Vec<T>,
     }
-    serde_json::to_vec(&ListOut {
-        api_version: "v1",
-        kind: "List",
-        metadata: serde_json::json!({"resourceVersion": ""}),
-        items: streams.into_iter().collect(),
-    })
-    .expect("an ImageStream list serializes")
+    serde_json::to_writer(
+        w,
+        &ListOut {
+            api_version: "v1",
+            kind: "List",
+            metadata: serde_json::json!({"resourceVersion": ""}),
+            items,
+        },
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Matches a label selector of the form `a=b,c!=d,e` (equality-based only).

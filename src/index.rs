@@ -348,6 +348,15 @@ impl ArchiveIndex {
 
     /// Serializes to `index.json` bytes, deterministically.
     pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_json(&mut out)
+            .expect("writing to memory succeeds");
+        out
+    }
+
+    /// Writes what [`ArchiveIndex::to_json`] returns, without holding it
+    /// in memory.
+    pub fn write_json(&self, w: impl std::io::Write) -> std::io::Result<()> {
         let mut manifests: Vec<ManifestOut> = self
             .entries
             .iter()
@@ -379,9 +388,9 @@ impl ArchiveIndex {
             manifests,
             annotations,
         };
-        let mut out = serde_json::to_vec(&raw).expect("index serializes");
-        out.push(b'\n');
-        out
+        let mut w = w;
+        serde_json::to_writer(&mut w, &raw)?;
+        w.write_all(b"\n")
     }
 
     /// Every digest the index references directly (entries, foreign

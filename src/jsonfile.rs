@@ -70,15 +70,19 @@ impl JsonFile {
     /// the resident set. Reading them again stays correct (they are read
     /// back from the file); it is only slower.
     pub fn release_through(&self, consumed: &str) {
+        let base = self.bytes().as_ptr() as usize;
+        let end = consumed.as_ptr() as usize + consumed.len();
+        if end >= base && end <= base + self.bytes().len() {
+            self.release_before(end - base);
+        }
+    }
+
+    /// Like [`JsonFile::release_through`], for the bytes before `offset`.
+    pub fn release_before(&self, offset: usize) {
         let Data::Mapped(map) = &self.data else {
             return;
         };
-        let base = map.as_ptr() as usize;
-        let end = consumed.as_ptr() as usize + consumed.len();
-        if end < base || end > base + map.len() {
-            return;
-        }
-        let upto = (end - base) / RELEASE_STEP * RELEASE_STEP;
+        let upto = offset.min(map.len()) / RELEASE_STEP * RELEASE_STEP;
         let from = self.released.get();
         if upto <= from {
             return;

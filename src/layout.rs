@@ -460,25 +460,45 @@ impl Layout {
     /// so file-level backup tools such as restic skip it).
     pub fn commit(&self, index: &ArchiveIndex) -> Result<(), LayoutError> {
         debug_assert_eq!(self.access, Access::Write);
-        let json = index.to_json();
-        let unchanged = JsonFile::open(&self.root.join("index.json"))
-            .is_ok_and(|old| old.bytes() == json.as_slice());
-        if unchanged {
-            return Ok(());
+        // Compared as it is serialized: neither the new index nor the
+        // committed one is ever whole in memory.
+        if let Ok(old) = JsonFile::open(&self.root.join("index.json")) {
+            let mut same = SameAs {
+                old: &old,
+                at: 0,
+                same: true,
+            };
+            let mut w = io::BufWriter::with_capacity(1 << 16, &mut same);
+            let written = index.write_json(&mut w).and_then(|_| w.flush()).is_ok();
+            drop(w);
+            if written && same.same && same.at == old.bytes().len() {
+                return Ok(());
+            }
         }
-        self.write_file_atomic("index.json", &json)
+        self.write_file_atomic_with("index.json", |w| index.write_json(w))
     }
 
     /// Writes a top-level file atomically (temp, fsync, rename, fsync dir).
     pub(crate) fn write_file_atomic(&self, name: &str, data: &[u8]) -> Result<(), LayoutError> {
+        self.write_file_atomic_with(name, |w| w.write_all(data))
+    }
+
+    /// Like [`Layout::write_file_atomic`], with the content written by
+    /// `write`.
+    fn write_file_atomic_with(
+        &self,
+        name: &str,
+        write: impl FnOnce(&mut io::BufWriter<&File>) -> io::Result<()>,
+    ) -> Result<(), LayoutError> {
         let target = self.root.join(name);
         let tmp = self
             .root
             .join(INGEST_DIR)
             .join(format!("{name}.{}", std::process::id()));
-        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        let res = f
-            .write_all(data)
+        let f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, &f);
+        let res = write(&mut w)
+            .and_then(|_| w.flush())
             .and_then(|_| f.sync_all())
             .map_err(io_err("write", &tmp))
             .and_then(|_| fs::rename(&tmp, &target).map_err(io_err("rename", &target)))
@@ -497,6 +517,31 @@ impl Layout {
             let path = entry.path();
             fs::remove_file(&path).map_err(io_err("remove stale temp file", &path))?;
         }
+        Ok(())
+    }
+}
+
+/// A writer that only compares what is written with a file's bytes.
+struct SameAs<'a> {
+    old: &'a JsonFile,
+    at: usize,
+    same: bool,
+}
+
+impl Write for SameAs<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let end = self.at + buf.len();
+        self.same = self.same && self.old.bytes().get(self.at..end) == Some(buf);
+        self.at = end;
+        self.old.release_before(self.at.min(self.old.bytes().len()));
+        if self.same {
+            Ok(buf.len())
+        } else {
+            // Different: no need to look further.
+            Err(io::Error::other("differs"))
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
@@ -536,6 +581,15 @@ impl BlobWriter {
         self.hasher.update(data);
         let file = self.file.as_mut().expect("writer used after finish");
         file.write_all(data).map_err(io_err("write", &self.tmp))
+    }
+
+    /// True when `len` more bytes go into the write buffer without a
+    /// write to the file: [`BlobWriter::write`] then only hashes and copies
+    /// (no system call), cheap enough for an async task.
+    pub fn buffers(&self, len: usize) -> bool {
+        self.file
+            .as_ref()
+            .is_some_and(|f| f.capacity() - f.buffer().len() >= len)
     }
 
     /// Bytes written so far.
@@ -580,6 +634,29 @@ impl BlobWriter {
             .lock()
             .expect("suspect lock")
             .remove(&self.expected);
+        Ok(())
+    }
+}
+
+impl BlobWriter {
+    /// The error of a failed [`Write`] to this writer: the layout error it
+    /// carries, or the I/O error on its temp file.
+    pub fn error(&self, e: io::Error) -> LayoutError {
+        match e.downcast::<LayoutError>() {
+            Ok(le) => le,
+            Err(e) => io_err("write", &self.tmp)(e),
+        }
+    }
+}
+
+/// Writes through [`BlobWriter::write`] (hashing and checking the size);
+/// a layout error comes back inside the I/O error ([`BlobWriter::error`]).
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        BlobWriter::write(self, buf).map_err(io::Error::other)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }

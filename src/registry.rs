@@ -471,7 +471,14 @@ impl RegistryClient {
                     self.stats
                         .bytes_in
                         .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    blocking(|| writer.write(&chunk)).map_err(Attempt::Layout)?;
+                    // The file write (once per megabyte) leaves the async
+                    // worker; hashing a chunk into the buffer does not.
+                    if writer.buffers(chunk.len()) {
+                        writer.write(&chunk)
+                    } else {
+                        blocking(|| writer.write(&chunk))
+                    }
+                    .map_err(Attempt::Layout)?;
                 }
                 let n = writer.written();
                 // The directory is synced once after all downloads (before

@@ -12,6 +12,9 @@ use futures::StreamExt;
 /// Runs `f` on every item with at most `jobs` at once, each on its own task
 /// (so hashing and I/O spread over all cores), returning results in the
 /// order of `items`.
+///
+/// A finished item frees its slot at once, whatever is still running
+/// before it: one large blob never holds the other slots idle.
 pub async fn bounded<T, R, F, Fut>(items: Vec<T>, jobs: usize, f: F) -> Vec<R>
 where
     T: Send + 'static,
@@ -19,12 +22,20 @@ where
     F: Fn(T) -> Fut,
     Fut: Future<Output = R> + Send + 'static,
 {
-    futures::stream::iter(items)
-        .map(|item| tokio::spawn(f(item)))
-        .buffered(jobs.max(1))
-        .map(|joined| joined.expect("transfer task panicked"))
+    let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+    let mut done = futures::stream::iter(items.into_iter().enumerate())
+        .map(|(i, item)| {
+            let task = tokio::spawn(f(item));
+            async move { (i, task.await.expect("transfer task panicked")) }
+        })
+        .buffer_unordered(jobs.max(1));
+    while let Some((i, r)) = done.next().await {
+        slots[i] = Some(r);
+    }
+    slots
+        .into_iter()
+        .map(|r| r.expect("every item has a result"))
         .collect()
-        .await
 }
 
 /// Byte and item counters for progress lines.
@@ -132,6 +143,27 @@ mod tests {
         assert_eq!(out, (0..50).map(|i| i * 2).collect::<Vec<_>>());
         assert!(peak.load(Ordering::SeqCst) <= 4);
         assert!(peak.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_item_holds_no_other_slot() {
+        // Item 0 is slow; with 2 slots the others all run, one after
+        // another in the second slot, while it is still running.
+        let others = Arc::new(AtomicU64::new(0));
+        let out = bounded((0..6u64).collect(), 2, |i| {
+            let others = others.clone();
+            async move {
+                if i == 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    others.load(Ordering::SeqCst)
+                } else {
+                    others.fetch_add(1, Ordering::SeqCst);
+                    i * 10
+                }
+            }
+        })
+        .await;
+        assert_eq!(out, vec![5, 10, 20, 30, 40, 50]);
     }
 
     #[test]

@@ -178,6 +178,13 @@ fn unchanged_rerun_sends_no_request_and_new_pushes_are_incremental() {
     let archive = work.path().join("archive");
     run_ok(0, backup_args(&reg, &archive, &seeded.imagestreams));
     let first_index = std::fs::read(archive.join("index.json")).unwrap();
+    let identity = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    };
+    let first_identity = identity(&archive.join("index.json"));
+    let blobs_before = blob_count(&archive);
 
     let mark = reg.mark();
     let report = run_ok(0, backup_args(&reg, &archive, &seeded.imagestreams)).json();
@@ -199,6 +206,10 @@ fn unchanged_rerun_sends_no_request_and_new_pushes_are_incremental() {
         std::fs::read(archive.join("index.json")).unwrap(),
         first_index
     );
+    // Not even rewritten (file-level backups such as restic skip it), and
+    // no new ImageStream list blob.
+    assert_eq!(identity(&archive.join("index.json")), first_identity);
+    assert_eq!(blob_count(&archive), blobs_before);
 
     // Push every tag once more (other seed = new images): history grows by
     // one, only the new images are fetched, the old ones become history.
