@@ -440,7 +440,7 @@ pub fn scan_list<'a>(
         // A single object has no items: its members are all in `rest`.
         "ImageStream" => {
             let text = std::str::from_utf8(json).map_err(|e| shape(e.to_string()))?;
-            item(0, text).map_err(shape)
+            item(0, text).map_err(|e| shape(format!("item 0: {e}")))
         }
         other => Err(shape(format!("unexpected kind {other:?}"))),
     }

@@ -83,31 +83,79 @@ pub struct ArchiveIndex {
     pub foreign: Vec<Value>,
 }
 
+/// One of our descriptors as read, borrowed from `index.json`.
 #[derive(Deserialize)]
-struct RawDescriptorIn {
-    #[serde(rename = "mediaType")]
-    media_type: String,
+struct DescriptorIn<'a> {
+    #[serde(rename = "mediaType", borrow)]
+    media_type: Cow<'a, str>,
     digest: Digest,
     size: u64,
-    #[serde(default)]
-    annotations: AnnotationsIn,
+    #[serde(default, borrow)]
+    annotations: AnnotationsIn<'a>,
 }
 
 /// Our annotations, read into fields (others are ignored).
 #[derive(Deserialize, Default)]
-struct AnnotationsIn {
-    #[serde(rename = "io.imagestream-archiver.namespace")]
-    namespace: Option<String>,
-    #[serde(rename = "io.imagestream-archiver.imagestream", default)]
-    stream: String,
-    #[serde(rename = "io.imagestream-archiver.tag", default)]
-    tag: String,
-    #[serde(rename = "io.imagestream-archiver.history-index", default)]
-    position: String,
-    #[serde(rename = "io.imagestream-archiver.created", default)]
-    created: String,
-    #[serde(rename = "io.imagestream-archiver.docker-image-reference", default)]
-    reference: String,
+struct AnnotationsIn<'a> {
+    #[serde(rename = "io.imagestream-archiver.namespace", borrow)]
+    namespace: Option<Cow<'a, str>>,
+    #[serde(rename = "io.imagestream-archiver.imagestream", borrow, default)]
+    stream: Cow<'a, str>,
+    #[serde(rename = "io.imagestream-archiver.tag", borrow, default)]
+    tag: Cow<'a, str>,
+    #[serde(rename = "io.imagestream-archiver.history-index", borrow, default)]
+    position: Cow<'a, str>,
+    #[serde(rename = "io.imagestream-archiver.created", borrow, default)]
+    created: Cow<'a, str>,
+    #[serde(
+        rename = "io.imagestream-archiver.docker-image-reference",
+        borrow,
+        default
+    )]
+    reference: Cow<'a, str>,
+}
+
+impl DescriptorIn<'_> {
+    /// Reads element `i` of `manifests`: `None` for a descriptor that is
+    /// not ours, an error for one of ours that is not valid.
+    fn read<'t>(
+        i: usize,
+        text: &'t str,
+        ours: &memchr::memmem::Finder,
+    ) -> Result<Option<DescriptorIn<'t>>, String> {
+        if ours.find(text.as_bytes()).is_none() {
+            return Ok(None);
+        }
+        let d: DescriptorIn =
+            serde_json::from_str(text).map_err(|e| format!("manifests[{i}]: {e}"))?;
+        let Some(namespace) = &d.annotations.namespace else {
+            return Ok(None);
+        };
+        let a = &d.annotations;
+        if a.stream.is_empty() || a.tag.is_empty() {
+            return Err(format!("manifests[{i}]: stream or tag annotation missing"));
+        }
+        a.position
+            .parse::<usize>()
+            .map_err(|_| format!("manifests[{i}]: bad {ANN_POSITION}"))?;
+        validate_names(namespace, &a.stream, &a.tag).map_err(|e| format!("manifests[{i}]: {e}"))?;
+        Ok(Some(d))
+    }
+
+    fn into_entry(self) -> Entry {
+        let a = self.annotations;
+        Entry {
+            namespace: a.namespace.unwrap_or_default().into_owned(),
+            stream: a.stream.into_owned(),
+            tag: a.tag.into_owned(),
+            position: a.position.parse().unwrap_or_default(),
+            created: a.created.into_owned(),
+            reference: a.reference.into_owned(),
+            digest: self.digest,
+            media_type: self.media_type.into_owned(),
+            size: self.size,
+        }
+    }
 }
 
 /// Our descriptor as written: fields in sorted order, as a JSON object
@@ -164,30 +212,6 @@ struct RawIndexOut<'a> {
     manifests: Vec<ManifestOut<'a>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     annotations: BTreeMap<&'static str, String>,
-}
-
-fn entry_of(i: usize, d: RawDescriptorIn) -> Result<Entry, String> {
-    let a = d.annotations;
-    let position = a
-        .position
-        .parse()
-        .map_err(|_| format!("manifests[{i}]: bad {ANN_POSITION}"))?;
-    let entry = Entry {
-        namespace: a.namespace.unwrap_or_default(),
-        stream: a.stream,
-        tag: a.tag,
-        position,
-        created: a.created,
-        reference: a.reference,
-        digest: d.digest,
-        media_type: d.media_type,
-        size: d.size,
-    };
-    if entry.stream.is_empty() || entry.tag.is_empty() {
-        return Err(format!("manifests[{i}]: stream or tag annotation missing"));
-    }
-    validate_names(&entry).map_err(|e| format!("manifests[{i}]: {e}"))?;
-    Ok(entry)
 }
 
 type Members<'a> = BTreeMap<String, &'a serde_json::value::RawValue>;
@@ -271,20 +295,13 @@ impl Known {
     /// Reads the images of a mapped `index.json` (our entries; descriptors
     /// of other tools are not images of ours), releasing what was parsed.
     pub fn from_file(file: &JsonFile) -> Result<Self, String> {
-        #[derive(Deserialize)]
-        struct Descriptor<'a> {
-            #[serde(rename = "mediaType", borrow)]
-            media_type: Cow<'a, str>,
-            digest: Digest,
-            size: u64,
-        }
         let mut known = Known::default();
         let ours = memchr::memmem::Finder::new(ANN_NAMESPACE);
         let rest = jsonfile::scan_array(file.bytes(), "manifests", &mut |i, value| {
             let text = value.get();
-            if ours.find(text.as_bytes()).is_some() {
-                let d: Descriptor =
-                    serde_json::from_str(text).map_err(|e| format!("manifests[{i}]: {e}"))?;
+            // Checked as the full reader checks it: a bad index stops the
+            // run before anything is fetched.
+            if let Some(d) = DescriptorIn::read(i, text, &ours)? {
                 known.insert(d.digest, &d.media_type, d.size);
             }
             file.release_through(text);
@@ -292,6 +309,7 @@ impl Known {
         })
         .map_err(|e| e.to_string())?;
         check_schema(&rest)?;
+        imagestreams_of(&rest)?;
         Ok(known)
     }
 }
@@ -309,17 +327,11 @@ impl ArchiveIndex {
 
     fn read(data: &[u8], parsed: &mut dyn FnMut(&str)) -> Result<Self, String> {
         let mut index = ArchiveIndex::default();
-        let finder = memchr::memmem::Finder::new(ANN_NAMESPACE);
+        let ours = memchr::memmem::Finder::new(ANN_NAMESPACE);
         let rest = jsonfile::scan_array(data, "manifests", &mut |i, value| {
             let text = value.get();
-            let ours = finder.find(text.as_bytes()).is_some();
-            let d = ours
-                .then(|| serde_json::from_str::<RawDescriptorIn>(text))
-                .transpose()
-                .map_err(|e| format!("manifests[{i}]: {e}"))?
-                .filter(|d| d.annotations.namespace.is_some());
-            match d {
-                Some(d) => index.entries.push(entry_of(i, d)?),
+            match DescriptorIn::read(i, text, &ours)? {
+                Some(d) => index.entries.push(d.into_entry()),
                 None => index
                     .foreign
                     .push(serde_json::from_str(text).map_err(|e| format!("manifests[{i}]: {e}"))?),
@@ -460,21 +472,19 @@ pub fn is_valid_tag(s: &str) -> bool {
 
 /// Checks the names of an entry read from a possibly untrusted index: they
 /// end up in registry URLs and ref names.
-fn validate_names(e: &Entry) -> Result<(), String> {
-    if !is_valid_namespace(&e.namespace) {
+fn validate_names(namespace: &str, stream: &str, tag: &str) -> Result<(), String> {
+    if !is_valid_namespace(namespace) {
         return Err(format!(
-            "invalid namespace {:?} in {ANN_NAMESPACE}",
-            e.namespace
+            "invalid namespace {namespace:?} in {ANN_NAMESPACE}"
         ));
     }
-    if !is_valid_stream_name(&e.stream) {
+    if !is_valid_stream_name(stream) {
         return Err(format!(
-            "invalid ImageStream name {:?} in {ANN_STREAM}",
-            e.stream
+            "invalid ImageStream name {stream:?} in {ANN_STREAM}"
         ));
     }
-    if !is_valid_tag(&e.tag) {
-        return Err(format!("invalid tag {:?} in {ANN_TAG}", e.tag));
+    if !is_valid_tag(tag) {
+        return Err(format!("invalid tag {tag:?} in {ANN_TAG}"));
     }
     Ok(())
 }
@@ -519,6 +529,52 @@ mod tests {
         assert_eq!(v["manifests"][0]["annotations"][REF_NAME], "ns/app:v1");
         assert!(v["manifests"][2]["annotations"].get(REF_NAME).is_none());
         assert_eq!(back.roots().len(), 5);
+    }
+
+    #[test]
+    fn known_images_are_read_compactly_from_a_file() {
+        let mut idx = ArchiveIndex {
+            entries: vec![entry("v1", 0, b"a"), entry("v1", 1, b"b")],
+            imagestreams: Some(Digest::of(b"list")),
+            foreign: vec![
+                serde_json::json!({"mediaType":"x/y","digest":Digest::of(b"z"),"size":1}),
+            ],
+        };
+        idx.entries[1].media_type = crate::manifest::OCI_INDEX.into();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.json");
+        std::fs::write(&path, idx.to_json()).unwrap();
+        let file = JsonFile::open(&path).unwrap();
+        let known = Known::from_file(&file).unwrap();
+        assert_eq!(known.len(), 2, "our entries, not foreign descriptors");
+        assert_eq!(
+            known.get(&Digest::of(b"b")),
+            Some((crate::manifest::OCI_INDEX, 1))
+        );
+        assert!(known.contains(&Digest::of(b"a")));
+        assert!(!known.contains(&Digest::of(b"z")));
+        // The full reader of the same file agrees.
+        assert_eq!(ArchiveIndex::from_file(&file).unwrap(), {
+            idx.sort();
+            idx
+        });
+        // Too large for the compact form: left to the blob store.
+        let mut k = Known::default();
+        k.insert(Digest::of(b"huge"), "x", u64::from(u32::MAX) + 1);
+        assert!(k.is_empty());
+        drop(file);
+        // Refused as the full reader refuses it, before anything is fetched.
+        let bad_name = String::from_utf8(index_with("ns", "app", "bad tag!")).unwrap();
+        for bad in [
+            r#"{"manifests":[]}"#,
+            r#"{"schemaVersion":1,"manifests":[]}"#,
+            bad_name.as_str(),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let file = JsonFile::open(&path).unwrap();
+            assert!(Known::from_file(&file).is_err(), "{bad}");
+            assert!(ArchiveIndex::from_file(&file).is_err(), "{bad}");
+        }
     }
 
     fn index_with(ns: &str, stream: &str, tag: &str) -> Vec<u8> {

@@ -19,6 +19,18 @@ use serde_json::value::RawValue;
 /// Pages behind the parser are released in steps of this size.
 const RELEASE_STEP: usize = 16 << 20;
 
+/// How far ahead of the parser the file is asked for: a cold read from
+/// disk then runs in parallel with the parsing, not one readahead window
+/// at a time.
+const READ_AHEAD: usize = 256 << 20;
+
+fn read_ahead(map: &memmap2::Mmap, from: usize, len: usize) {
+    if from < map.len() {
+        let len = len.min(map.len() - from);
+        let _ = map.advise_range(memmap2::Advice::WillNeed, from, len);
+    }
+}
+
 /// A JSON file's bytes: mapped when it is a regular file, read otherwise
 /// (a pipe such as `/dev/stdin`).
 pub struct JsonFile {
@@ -36,20 +48,28 @@ impl JsonFile {
     pub fn open(path: &Path) -> io::Result<Self> {
         let mut file = File::open(path)?;
         let meta = file.metadata()?;
-        let data = if meta.is_file() && meta.len() > 0 {
-            // SAFETY: the mapping is read-only and private, and nothing
-            // here writes to it. The archive never rewrites index.json in
-            // place (a new one is renamed over it); an input file that
-            // another process truncates while it is read ends the process
-            // with SIGBUS, as with any tool that maps its input.
-            let map = unsafe { memmap2::Mmap::map(&file) }?;
-            // Only a hint: reading works without it.
-            let _ = map.advise(memmap2::Advice::Sequential);
-            Data::Mapped(map)
-        } else {
-            let mut buf = Vec::new();
-            file.read_to_end(&mut buf)?;
-            Data::Read(buf)
+        // SAFETY: the mapping is read-only and nothing here writes to it.
+        // The archive never rewrites a file in place (index.json and blobs
+        // are replaced by rename, under the archive's lock); an input file
+        // that another process truncates while it is read ends the process
+        // with SIGBUS, as with any tool that maps its input.
+        let mapped = (meta.is_file() && meta.len() > 0)
+            .then(|| unsafe { memmap2::Mmap::map(&file) }.ok())
+            .flatten();
+        let data = match mapped {
+            Some(map) => {
+                // Only hints: reading works without them.
+                let _ = map.advise(memmap2::Advice::Sequential);
+                read_ahead(&map, 0, READ_AHEAD);
+                Data::Mapped(map)
+            }
+            // Not mappable (a pipe, an empty file, a file system without
+            // mmap): read.
+            None => {
+                let mut buf = Vec::new();
+                file.read_to_end(&mut buf)?;
+                Data::Read(buf)
+            }
         };
         Ok(JsonFile {
             data,
@@ -87,13 +107,15 @@ impl JsonFile {
         if upto <= from {
             return;
         }
-        // SAFETY: a private read-only file mapping that was never written:
-        // after MADV_DONTNEED the pages are read back from the file on the
-        // next access, with the same content, so borrows stay valid.
+        // SAFETY: a read-only file mapping that this process never writes:
+        // after MADV_DONTNEED its pages are read back from the (unchanged,
+        // see `open`) file on the next access, so borrows stay valid.
         let _ = unsafe {
             map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, upto - from)
         };
         self.released.set(upto);
+        // The window ahead moves as far as the released part did.
+        read_ahead(map, from + READ_AHEAD, upto - from);
     }
 }
 
@@ -138,7 +160,7 @@ impl<'a> Visitor<'a> for Object<'_, '_, '_, 'a> {
         while let Some(k) = map.next_key::<String>()? {
             if k == self.key {
                 if seen {
-                    return Err(de::Error::duplicate_field("array"));
+                    return Err(de::Error::custom(format!("duplicate field `{k}`")));
                 }
                 seen = true;
                 map.next_value_seed(Elements {
@@ -146,6 +168,9 @@ impl<'a> Visitor<'a> for Object<'_, '_, '_, 'a> {
                 })?;
             } else {
                 let v: &'a RawValue = map.next_value()?;
+                if rest.contains_key(&k) {
+                    return Err(de::Error::custom(format!("duplicate field `{k}`")));
+                }
                 rest.insert(k, v);
             }
         }
@@ -218,6 +243,7 @@ mod tests {
             r#"{"items":{}}"#,
             r#"{"items":[1,2"#,
             r#"{"items":[1],"items":[2]}"#,
+            r#"{"kind":"a","items":[],"kind":"b"}"#,
             r#"{"items":[]} trailing"#,
         ] {
             assert!(scan(bad).is_err(), "{bad}");
@@ -246,6 +272,7 @@ mod tests {
         assert!(file.released.get() >= 2 * RELEASE_STEP);
         // Released pages read back with their content.
         assert_eq!(file.bytes(), json.as_bytes());
+        drop(file);
         // A file that cannot be mapped (empty) is read.
         std::fs::write(&path, "").unwrap();
         assert!(JsonFile::open(&path).unwrap().bytes().is_empty());

@@ -587,9 +587,10 @@ impl BlobWriter {
     /// write to the file: [`BlobWriter::write`] then only hashes and copies
     /// (no system call), cheap enough for an async task.
     pub fn buffers(&self, len: usize) -> bool {
+        // A write as large as the buffer bypasses it.
         self.file
             .as_ref()
-            .is_some_and(|f| f.capacity() - f.buffer().len() >= len)
+            .is_some_and(|f| len < f.capacity() && f.capacity() - f.buffer().len() >= len)
     }
 
     /// Bytes written so far.

@@ -439,6 +439,53 @@ fn from_file_applies_namespaces_and_selector() {
     let all = discovery::from_file(&path, &DiscoveryOptions::default()).unwrap();
     assert_eq!(all.streams.len(), 7);
     assert!(discovery::from_file(&dir.path().join("missing.json"), &o).is_err());
+
+    // The reader a backup uses (item by item, compact records) selects the
+    // same streams, and keeps their objects only when asked.
+    for keep in [false, true] {
+        let records = discovery::records_from_file(&path, &o, keep).unwrap();
+        let names: Vec<String> = records.streams.iter().map(|r| r.key()).collect();
+        assert_eq!(names, ["team-a/frontend", "team-b/cron"]);
+        for (r, is) in records.streams.iter().zip(&found.streams) {
+            // Every tag event, as the typed object has it.
+            let expected: Vec<_> = is
+                .status
+                .tags
+                .iter()
+                .flat_map(|t| {
+                    t.items.iter().enumerate().map(move |(position, item)| {
+                        (
+                            t.tag.clone(),
+                            position,
+                            item.image.clone(),
+                            item.docker_image_reference.clone(),
+                            item.created.clone(),
+                        )
+                    })
+                })
+                .collect();
+            let got: Vec<_> = r
+                .refs
+                .iter()
+                .map(|i| {
+                    (
+                        i.tag.to_string(),
+                        i.position,
+                        i.digest.to_string(),
+                        i.docker_image_reference().into_owned(),
+                        i.created.to_string(),
+                    )
+                })
+                .collect();
+            assert!(!expected.is_empty());
+            assert_eq!(got, expected);
+            assert_eq!(r.object.is_some(), keep);
+            if let Some(object) = &r.object {
+                assert_eq!(object.get(), serde_json::to_string(is).unwrap());
+            }
+        }
+    }
+    assert!(discovery::records_from_file(&dir.path().join("missing.json"), &o, false).is_err());
 }
 
 #[tokio::test]
