@@ -664,7 +664,7 @@ fn merge_index(
     let items: Vec<&RawValue> = objects.into_values().collect();
     let write = |w: &mut dyn std::io::Write| {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, w);
-        imagestream::write_list_json(items.clone(), &mut w)?;
+        imagestream::write_list_json(&items, &mut w)?;
         std::io::Write::flush(&mut w)
     };
     let mut hasher = sha2::Sha256::default();

@@ -303,17 +303,6 @@ pub async fn discover(
     Ok(Discovered { streams, problems })
 }
 
-/// Reads ImageStreams from a file (`oc get is -A -o json`, or one
-/// ImageStream) and applies the namespaces and selector of `opts`, as
-/// [`discover`] would.
-pub fn from_file(path: &Path, opts: &DiscoveryOptions) -> Result<Discovered, DiscoveryError> {
-    let all = imagestream::read_file(path)?;
-    Ok(Discovered {
-        streams: filter_streams(all, &opts.namespaces, opts.selector.as_deref()),
-        problems: Vec::new(),
-    })
-}
-
 /// What a backup reads of an ImageStream file, item by item (the file is
 /// never held whole in memory): the streams `opts` selects as
 /// [`StreamRecord`]s, with their objects when `keep_objects`.

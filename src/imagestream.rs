@@ -253,6 +253,14 @@ struct MetaView<'a> {
     labels: BTreeMap<String, String>,
 }
 
+impl MetaView<'_> {
+    /// [`check_identity`] of a viewed object (`kind` defaults to
+    /// ImageStream, as for [`ImageStream`]).
+    fn check(&self, kind: Option<&str>) -> Result<(), String> {
+        check_identity(kind.unwrap_or("ImageStream"), &self.namespace, &self.name)
+    }
+}
+
 #[derive(Deserialize, Default)]
 struct StatusView<'a> {
     #[serde(rename = "dockerImageRepository", borrow, default)]
@@ -302,11 +310,7 @@ impl StreamRecord {
     /// read.
     pub fn parse(raw: &str, keep_object: bool) -> Result<Self, String> {
         let view: StreamView = serde_json::from_str(raw).map_err(|e| e.to_string())?;
-        check_identity(
-            view.kind.as_deref().unwrap_or("ImageStream"),
-            &view.metadata.namespace,
-            &view.metadata.name,
-        )?;
+        view.metadata.check(view.kind.as_deref())?;
         let object = if keep_object {
             let is: ImageStream = serde_json::from_str(raw).map_err(|e| e.to_string())?;
             Some(serde_json::value::to_raw_value(&is).map_err(|e| e.to_string())?)
@@ -387,9 +391,8 @@ pub fn key_of(raw: &str) -> Result<String, String> {
         metadata: MetaView<'a>,
     }
     let n: Names = serde_json::from_str(raw).map_err(|e| e.to_string())?;
-    let (namespace, name) = (&n.metadata.namespace, &n.metadata.name);
-    check_identity(n.kind.as_deref().unwrap_or("ImageStream"), namespace, name)?;
-    Ok(format!("{namespace}/{name}"))
+    n.metadata.check(n.kind.as_deref())?;
+    Ok(format!("{}/{}", n.metadata.namespace, n.metadata.name))
 }
 
 /// Every image a stream references: each tag's current image and history.
@@ -458,12 +461,6 @@ pub fn parse_list(json: &[u8], origin: &str) -> Result<Vec<ImageStream>, ImageSt
     Ok(out)
 }
 
-/// Reads [`parse_list`] input from a file.
-pub fn read_file(path: &Path) -> Result<Vec<ImageStream>, ImageStreamError> {
-    let file = open(path)?;
-    parse_list(file.bytes(), &path.display().to_string())
-}
-
 /// Opens an ImageStream file for [`scan_list`].
 pub fn open(path: &Path) -> Result<JsonFile, ImageStreamError> {
     JsonFile::open(path).map_err(|source| ImageStreamError::Read {
@@ -476,19 +473,20 @@ pub fn open(path: &Path) -> Result<JsonFile, ImageStreamError> {
 /// (no intermediate tree).
 pub fn list_json<T: Serialize>(streams: impl IntoIterator<Item = T>) -> Vec<u8> {
     let mut out = Vec::new();
-    write_list_json(streams.into_iter().collect(), &mut out).expect("writing to memory succeeds");
+    let items: Vec<T> = streams.into_iter().collect();
+    write_list_json(&items, &mut out).expect("writing to memory succeeds");
     out
 }
 
 /// Writes what [`list_json`] returns.
-pub fn write_list_json<T: Serialize>(items: Vec<T>, w: impl std::io::Write) -> std::io::Result<()> {
+pub fn write_list_json<T: Serialize>(items: &[T], w: impl std::io::Write) -> std::io::Result<()> {
     #[derive(Serialize)]
-    struct ListOut<T> {
+    struct ListOut<'a, T> {
         #[serde(rename = "apiVersion")]
         api_version: &'static str,
         kind: &'static str,
         metadata: Value,
-        items: Vec<T>,
+        items: &'a [T],
     }
     serde_json::to_writer(
         w,

@@ -9,7 +9,7 @@ use fake_kube::{imagestream, FakeKube, FAKE_TOKEN};
 use imagestream_archiver::discovery::{
     self, discover, DiscoveryError, DiscoveryOptions, ProblemKind, RetryPolicy,
 };
-use imagestream_archiver::imagestream::{images_of, is_on_registry, ImageStream};
+use imagestream_archiver::imagestream::{images_of, is_on_registry, parse_list, ImageStream};
 
 fn opts(namespaces: &[&str], page_size: u32) -> DiscoveryOptions {
     DiscoveryOptions {
@@ -434,19 +434,24 @@ fn from_file_applies_namespaces_and_selector() {
     std::fs::write(&path, serde_json::to_vec_pretty(&list).unwrap()).unwrap();
     let mut o = opts(&["team-a", "team-b"], 0);
     o.selector = Some("app=web".into());
-    let found = discovery::from_file(&path, &o).unwrap();
-    assert_eq!(keys(&found.streams), ["team-a/frontend", "team-b/cron"]);
-    let all = discovery::from_file(&path, &DiscoveryOptions::default()).unwrap();
+    let all = discovery::records_from_file(&path, &DiscoveryOptions::default(), false).unwrap();
     assert_eq!(all.streams.len(), 7);
-    assert!(discovery::from_file(&dir.path().join("missing.json"), &o).is_err());
+    // The selected streams, parsed whole by the typed reader: what every
+    // record is checked against.
+    let typed = parse_list(&std::fs::read(&path).unwrap(), "test").unwrap();
+    let found: Vec<ImageStream> = ["team-a/frontend", "team-b/cron"]
+        .iter()
+        .map(|k| typed.iter().find(|is| is.key() == *k).unwrap().clone())
+        .collect();
+    assert_eq!(keys(&found), ["team-a/frontend", "team-b/cron"]);
 
-    // The reader a backup uses (item by item, compact records) selects the
-    // same streams, and keeps their objects only when asked.
+    // Read item by item into compact records: the selected streams, with
+    // their objects only when asked.
     for keep in [false, true] {
         let records = discovery::records_from_file(&path, &o, keep).unwrap();
         let names: Vec<String> = records.streams.iter().map(|r| r.key()).collect();
         assert_eq!(names, ["team-a/frontend", "team-b/cron"]);
-        for (r, is) in records.streams.iter().zip(&found.streams) {
+        for (r, is) in records.streams.iter().zip(&found) {
             // Every tag event, as the typed object has it.
             let expected: Vec<_> = is
                 .status
