@@ -6,6 +6,7 @@ use imagestream_archiver::cmd::{self, Exit};
 use imagestream_archiver::report::{EXIT_FAILED, EXIT_INTERRUPTED};
 
 fn main() {
+    limit_malloc_arenas();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -41,3 +42,23 @@ fn main() {
     // and swept by the next run.
     std::process::exit(code);
 }
+
+/// glibc gives each thread that allocates an arena of its own (up to 8 per
+/// core), and every arena keeps what was freed in it. Transfers move
+/// between the async workers and the blocking threads, so their buffers
+/// spread over many arenas: a medium backup peaked at 55-64 MiB with the
+/// default, 30-32 MiB with two arenas, at the same speed. An explicit
+/// `MALLOC_ARENA_MAX` is left to glibc.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes allocator settings; it runs first
+        // in main, before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
