@@ -256,11 +256,39 @@ pub async fn discover(
     client: &kube::Client,
     opts: &DiscoveryOptions,
 ) -> Result<Discovered, DiscoveryError> {
+    discover_as(client, opts, &item_to_stream, |is| {
+        (is.metadata.namespace.as_str(), is.metadata.name.as_str())
+    })
+    .await
+}
+
+/// Like [`discover`], but each item becomes a [`StreamRecord`] (with its
+/// object when `keep_objects`) as its page arrives: a large cluster's list
+/// is never held as parsed JSON, only one page of it at a time.
+pub async fn discover_records(
+    client: &kube::Client,
+    opts: &DiscoveryOptions,
+    keep_objects: bool,
+) -> Result<Discovered<StreamRecord>, DiscoveryError> {
+    let read = move |raw: &str| {
+        StreamRecord::parse(raw, keep_objects).map_err(|reason| unreadable(raw, &reason))
+    };
+    discover_as(client, opts, &read, |r| (&*r.namespace, &*r.name)).await
+}
+
+/// Lists the streams, reading each list item with `read`; the result is
+/// sorted by `key` (namespace, name) without duplicates.
+async fn discover_as<T>(
+    client: &kube::Client,
+    opts: &DiscoveryOptions,
+    read: &(dyn Fn(&str) -> ItemResult<T> + Sync),
+    key: fn(&T) -> (&str, &str),
+) -> Result<Discovered<T>, DiscoveryError> {
     let mut streams = Vec::new();
     let mut problems = Vec::new();
     let namespaces: BTreeSet<&str> = opts.namespaces.iter().map(String::as_str).collect();
     if namespaces.is_empty() {
-        match list_paged(client, opts, None).await {
+        match list_paged(client, opts, None, read).await {
             Ok(items) => collect_items(items, None, &mut streams, &mut problems),
             Err(ListFailure::Refused {
                 code: 403, message, ..
@@ -269,7 +297,7 @@ pub async fn discover(
         }
     } else {
         for ns in namespaces {
-            match list_paged(client, opts, Some(ns)).await {
+            match list_paged(client, opts, Some(ns), read).await {
                 Ok(items) => collect_items(items, Some(ns), &mut streams, &mut problems),
                 Err(ListFailure::Refused {
                     code,
@@ -294,7 +322,7 @@ pub async fn discover(
             }
         }
     }
-    let streams = sort_dedup(streams, |is| (&is.metadata.namespace, &is.metadata.name));
+    let streams = sort_dedup(streams, key);
     tracing::info!(
         streams = streams.len(),
         problems = problems.len(),
@@ -330,28 +358,6 @@ pub fn records_from_file(
         streams: sort_dedup(streams, |r| (&r.namespace, &r.name)),
         problems: Vec::new(),
     })
-}
-
-/// The [`StreamRecord`]s of discovered streams, with their objects when
-/// `keep_objects`; a stream that cannot be read is a problem.
-pub fn records_of(discovered: Discovered, keep_objects: bool) -> Discovered<StreamRecord> {
-    let mut problems = discovered.problems;
-    let streams = discovered
-        .streams
-        .iter()
-        .filter_map(|is| {
-            StreamRecord::from_stream(is, keep_objects)
-                .map_err(|reason| {
-                    problems.push(DiscoveryProblem {
-                        namespace: Some(is.metadata.namespace.clone()),
-                        message: format!("ImageStream {}: {reason}", is.key()),
-                        kind: ProblemKind::Other,
-                    })
-                })
-                .ok()
-        })
-        .collect();
-    Discovered { streams, problems }
 }
 
 fn wanted(
@@ -392,15 +398,19 @@ fn sort_dedup<T, K: Ord + ?Sized>(mut streams: Vec<T>, key: impl Fn(&T) -> (&K, 
     streams
 }
 
-/// Converts raw list items into streams; unreadable items become problems.
-fn collect_items(
-    items: Vec<Value>,
+/// One list item, read: the stream, or the item's namespace (when it has
+/// one) and why it could not be read.
+type ItemResult<T> = Result<T, (Option<String>, String)>;
+
+/// Sorts read list items into streams and problems.
+fn collect_items<T>(
+    items: Vec<ItemResult<T>>,
     ns: Option<&str>,
-    streams: &mut Vec<ImageStream>,
+    streams: &mut Vec<T>,
     problems: &mut Vec<DiscoveryProblem>,
 ) {
     for (i, item) in items.into_iter().enumerate() {
-        match item_to_stream(item) {
+        match item {
             Ok(is) => streams.push(is),
             Err((item_ns, reason)) => {
                 let namespace = item_ns.or_else(|| ns.map(str::to_string));
@@ -415,35 +425,33 @@ fn collect_items(
     }
 }
 
-/// One list item to an [`ImageStream`]; the error carries the item's
-/// namespace when it has one.
-fn item_to_stream(mut item: Value) -> Result<ImageStream, (Option<String>, String)> {
-    let ns = item
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let name = item
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("<no name>")
-        .to_string();
-    // List items omit apiVersion/kind on some servers; they are ImageStreams.
-    if let Some(obj) = item.as_object_mut() {
-        obj.entry("apiVersion")
-            .or_insert_with(|| Value::String("image.openshift.io/v1".into()));
-        obj.entry("kind")
-            .or_insert_with(|| Value::String("ImageStream".into()));
-    }
-    let is: ImageStream = serde_json::from_value(item)
-        .map_err(|e| (ns.clone(), format!("ImageStream {name}: {e}")))?;
+/// The namespace (when readable) of an item that could not be read, and
+/// `reason` with the item's name.
+fn unreadable(raw: &str, reason: &str) -> (Option<String>, String) {
+    let item: Value = serde_json::from_str(raw).unwrap_or_default();
+    let field = |f: &str| item.pointer(f).and_then(Value::as_str).map(str::to_string);
+    let name = field("/metadata/name").unwrap_or_else(|| "<no name>".into());
+    (
+        field("/metadata/namespace"),
+        format!("ImageStream {name}: {reason}"),
+    )
+}
+
+/// One list item to an [`ImageStream`] (list items omit apiVersion and kind
+/// on some servers: they are ImageStreams).
+fn item_to_stream(raw: &str) -> ItemResult<ImageStream> {
+    let is: ImageStream = serde_json::from_str(raw).map_err(|e| unreadable(raw, &e.to_string()))?;
     if is.metadata.name.is_empty() || is.metadata.namespace.is_empty() {
-        return Err((
-            ns,
-            "metadata.name and metadata.namespace are required".into(),
+        return Err(unreadable(
+            raw,
+            "metadata.name and metadata.namespace are required",
         ));
     }
     if is.kind != "ImageStream" {
-        return Err((ns, format!("{name}: kind {:?} is not ImageStream", is.kind)));
+        return Err(unreadable(
+            raw,
+            &format!("kind {:?} is not ImageStream", is.kind),
+        ));
     }
     Ok(is)
 }
@@ -540,12 +548,14 @@ impl ListFailure {
     }
 }
 
-/// Lists every page of one collection; restarts once on 410 Gone.
-async fn list_paged(
+/// Lists every page of one collection, reading each item with `read` as
+/// its page arrives; restarts once on 410 Gone.
+async fn list_paged<T>(
     client: &kube::Client,
     opts: &DiscoveryOptions,
     namespace: Option<&str>,
-) -> Result<Vec<Value>, ListFailure> {
+    read: &(dyn Fn(&str) -> ItemResult<T> + Sync),
+) -> Result<Vec<ItemResult<T>>, ListFailure> {
     let path = list_path(namespace);
     let limit = if opts.page_size == 0 {
         DEFAULT_PAGE_SIZE
@@ -594,17 +604,17 @@ async fn list_paged(
                     })
                 }
             }
-            let page = parse_page(&resp.body)
+            let before = items.len();
+            let continue_token_of_page = read_page(&resp.body, &mut |raw| items.push(read(raw)))
                 .map_err(|e| ListFailure::Fatal(CallFailureOrOther::Decode(e)))?;
             pages += 1;
             tracing::debug!(
                 scope = scope(namespace),
                 page = pages,
-                items = page.items.len(),
+                items = items.len() - before,
                 "listed a page of ImageStreams"
             );
-            items.extend(page.items);
-            match page.continue_token {
+            match continue_token_of_page {
                 Some(token) if !token.is_empty() => continue_token = Some(token),
                 _ => return Ok(items),
             }
@@ -612,36 +622,29 @@ async fn list_paged(
     }
 }
 
-/// One page of an ImageStreamList.
-#[derive(Debug, PartialEq)]
-struct Page {
-    items: Vec<Value>,
-    continue_token: Option<String>,
-}
-
-/// Parses one page of a list answer.
-fn parse_page(body: &[u8]) -> Result<Page, String> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let kind = value
-        .get("kind")
-        .and_then(Value::as_str)
+/// Reads one page of a list answer, calling `item` with each item's JSON
+/// as the parser reaches it. Returns the page's continue token.
+fn read_page(body: &[u8], item: &mut dyn FnMut(&str)) -> Result<Option<String>, String> {
+    let rest = crate::jsonfile::scan_array(body, "items", &mut |_, raw| {
+        item(raw.get());
+        Ok(())
+    })
+    .map_err(|e| format!("not an ImageStream list: {e}"))?;
+    let member = |name: &str| rest.get(name).map(|raw| raw.get());
+    let kind: String = member("kind")
+        .and_then(|k| serde_json::from_str(k).ok())
         .unwrap_or_default();
     if kind != "ImageStreamList" && kind != "List" {
         return Err(format!("kind {kind:?} is not ImageStreamList"));
     }
-    let items = match value.get("items") {
-        Some(Value::Array(items)) => items.clone(),
-        Some(Value::Null) | None => Vec::new(),
-        Some(_) => return Err("`items` is not an array".into()),
-    };
-    let continue_token = value
-        .pointer("/metadata/continue")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok(Page {
-        items,
-        continue_token,
-    })
+    #[derive(serde::Deserialize)]
+    struct ListMeta {
+        #[serde(rename = "continue")]
+        continue_token: Option<String>,
+    }
+    Ok(member("metadata")
+        .and_then(|m| serde_json::from_str::<ListMeta>(m).ok())
+        .and_then(|m| m.continue_token))
 }
 
 /// The message of a Kubernetes `Status` body, or the start of the body.
@@ -822,25 +825,32 @@ mod tests {
 
     #[test]
     fn page_with_and_without_continue() {
-        let p = parse_page(
+        let read = |body: &[u8]| {
+            let mut items = Vec::new();
+            read_page(body, &mut |raw| items.push(raw.to_string())).map(|t| (t, items))
+        };
+        let (token, items) = read(
             br#"{"kind":"ImageStreamList","apiVersion":"image.openshift.io/v1",
-                 "metadata":{"resourceVersion":"1","continue":"tok"},"items":[{"a":1}]}"#,
+                 "metadata":{"resourceVersion":"1","continue":"tok"},"items":[{"a":1}, {"b" : [2]}]}"#,
         )
         .unwrap();
-        assert_eq!(p.continue_token.as_deref(), Some("tok"));
-        assert_eq!(p.items.len(), 1);
-        let p = parse_page(br#"{"kind":"ImageStreamList","metadata":{},"items":null}"#).unwrap();
-        assert_eq!(
-            p,
-            Page {
-                items: vec![],
-                continue_token: None
-            }
-        );
-        assert!(parse_page(br#"{"kind":"Status"}"#)
+        assert_eq!(token.as_deref(), Some("tok"));
+        assert_eq!(items, [r#"{"a":1}"#, r#"{"b" : [2]}"#]);
+        // kind after the items, no continue token, null items
+        let (token, items) = read(br#"{"items":[{"c":3}],"metadata":{},"kind":"List"}"#).unwrap();
+        assert_eq!((token, items.len()), (None, 1));
+        let (token, items) =
+            read(br#"{"kind":"ImageStreamList","metadata":{},"items":null}"#).unwrap();
+        assert_eq!((token, items.len()), (None, 0));
+        assert!(read(br#"{"kind":"Status"}"#)
             .unwrap_err()
             .contains("Status"));
-        assert!(parse_page(b"<html>").unwrap_err().contains("not JSON"));
+        assert!(read(br#"{"kind":"List","items":3}"#)
+            .unwrap_err()
+            .contains("not an ImageStream list"));
+        assert!(read(b"<html>")
+            .unwrap_err()
+            .contains("not an ImageStream list"));
     }
 
     #[test]
@@ -857,15 +867,19 @@ mod tests {
 
     #[test]
     fn item_without_kind_is_an_imagestream() {
-        let is = item_to_stream(json!({"metadata": {"name": "n", "namespace": "ns"}})).unwrap();
+        let item = |v: Value| item_to_stream(&v.to_string());
+        let is = item(json!({"metadata": {"name": "n", "namespace": "ns"}})).unwrap();
         assert_eq!(is.kind, "ImageStream");
-        let (ns, reason) = item_to_stream(
-            json!({"metadata": {"name": "n", "namespace": "ns"}, "status": {"tags": 3}}),
-        )
-        .unwrap_err();
+        let (ns, reason) =
+            item(json!({"metadata": {"name": "n", "namespace": "ns"}, "status": {"tags": 3}}))
+                .unwrap_err();
         assert_eq!(ns.as_deref(), Some("ns"));
         assert!(reason.contains("ImageStream n"), "{reason}");
-        assert!(item_to_stream(json!({"metadata": {"name": "n"}})).is_err());
+        assert!(item(json!({"metadata": {"name": "n"}})).is_err());
+        let (ns, reason) =
+            item(json!({"kind": "Pod", "metadata": {"name": "n", "namespace": "ns"}})).unwrap_err();
+        assert_eq!(ns.as_deref(), Some("ns"));
+        assert!(reason.contains("\"Pod\" is not ImageStream"), "{reason}");
     }
 
     #[test]

@@ -9,7 +9,9 @@ use fake_kube::{imagestream, FakeKube, FAKE_TOKEN};
 use imagestream_archiver::discovery::{
     self, discover, DiscoveryError, DiscoveryOptions, ProblemKind, RetryPolicy,
 };
-use imagestream_archiver::imagestream::{images_of, is_on_registry, parse_list, ImageStream};
+use imagestream_archiver::imagestream::{
+    images_of, is_on_registry, parse_list, ImageStream, StreamRecord,
+};
 
 fn opts(namespaces: &[&str], page_size: u32) -> DiscoveryOptions {
     DiscoveryOptions {
@@ -451,46 +453,94 @@ fn from_file_applies_namespaces_and_selector() {
         let records = discovery::records_from_file(&path, &o, keep).unwrap();
         let names: Vec<String> = records.streams.iter().map(|r| r.key()).collect();
         assert_eq!(names, ["team-a/frontend", "team-b/cron"]);
-        for (r, is) in records.streams.iter().zip(&found) {
-            // Every tag event, as the typed object has it.
-            let expected: Vec<_> = is
-                .status
-                .tags
-                .iter()
-                .flat_map(|t| {
-                    t.items.iter().enumerate().map(move |(position, item)| {
-                        (
-                            t.tag.clone(),
-                            position,
-                            item.image.clone(),
-                            item.docker_image_reference.clone(),
-                            item.created.clone(),
-                        )
-                    })
-                })
-                .collect();
-            let got: Vec<_> = r
-                .refs
-                .iter()
-                .map(|i| {
-                    (
-                        i.tag.to_string(),
-                        i.position,
-                        i.digest.to_string(),
-                        i.docker_image_reference().into_owned(),
-                        i.created.to_string(),
-                    )
-                })
-                .collect();
-            assert!(!expected.is_empty());
-            assert_eq!(got, expected);
-            assert_eq!(r.object.is_some(), keep);
-            if let Some(object) = &r.object {
-                assert_eq!(object.get(), serde_json::to_string(is).unwrap());
-            }
-        }
+        assert_records_match(&records.streams, &found, keep);
     }
     assert!(discovery::records_from_file(&dir.path().join("missing.json"), &o, false).is_err());
+}
+
+/// Each record has the key, every tag event (tag, position, digest,
+/// reference, created) and, when `keep`, the object of the typed stream.
+fn assert_records_match(records: &[StreamRecord], typed: &[ImageStream], keep: bool) {
+    let names: Vec<String> = records.iter().map(|r| r.key()).collect();
+    assert_eq!(names, keys(typed));
+    for (r, is) in records.iter().zip(typed) {
+        let expected: Vec<_> = is
+            .status
+            .tags
+            .iter()
+            .flat_map(|t| {
+                t.items.iter().enumerate().map(move |(position, item)| {
+                    (
+                        t.tag.clone(),
+                        position,
+                        item.image.clone(),
+                        item.docker_image_reference.clone(),
+                        item.created.clone(),
+                    )
+                })
+            })
+            .collect();
+        let got: Vec<_> = r
+            .refs
+            .iter()
+            .map(|i| {
+                (
+                    i.tag.to_string(),
+                    i.position,
+                    i.digest.to_string(),
+                    i.docker_image_reference().into_owned(),
+                    i.created.to_string(),
+                )
+            })
+            .collect();
+        assert!(!expected.is_empty());
+        assert_eq!(got, expected);
+        assert_eq!(r.object.is_some(), keep);
+        if let Some(object) = &r.object {
+            assert_eq!(object.get(), serde_json::to_string(is).unwrap());
+        }
+    }
+}
+
+#[tokio::test]
+async fn api_items_become_records_page_by_page_as_the_typed_list() {
+    // Items without kind (as some servers list them) and one unreadable item.
+    let mut broken = imagestream("team-b", "weird").tag("latest", 1).build();
+    broken["status"]["tags"] = serde_json::json!("not-a-list");
+    let mut streams = seven_streams();
+    streams.push(broken);
+    let fake = FakeKube::builder().streams(streams).start().await;
+    let client = fake.client().await;
+    let typed = discover(&client, &opts(&[], 3)).await.unwrap();
+    assert_eq!(typed.streams.len(), 7);
+    for keep in [false, true] {
+        let found = discovery::discover_records(&client, &opts(&[], 3), keep)
+            .await
+            .unwrap();
+        assert_records_match(&found.streams, &typed.streams, keep);
+        assert_eq!(found.problems.len(), 1, "{:?}", found.problems);
+        assert_eq!(found.problems[0].namespace.as_deref(), Some("team-b"));
+        assert!(found.problems[0].message.contains("ImageStream weird"));
+    }
+
+    // Per namespace, across an expired continue token: nothing lost or
+    // doubled by the restart.
+    let fake = FakeKube::builder()
+        .streams(seven_streams())
+        .expire_continue_tokens(1)
+        .start()
+        .await;
+    let client = fake.client().await;
+    let found = discovery::discover_records(&client, &opts(&["team-b", "team-a"], 2), false)
+        .await
+        .unwrap();
+    let typed: Vec<ImageStream> = typed
+        .streams
+        .into_iter()
+        .filter(|is| is.metadata.namespace != "team-c")
+        .collect();
+    assert_records_match(&found.streams, &typed, false);
+    assert!(found.problems.is_empty(), "{:?}", found.problems);
 }
 
 #[tokio::test]

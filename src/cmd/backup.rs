@@ -50,9 +50,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
             let kube = discovery::client_from_env()
                 .await
                 .map_err(super::config_error)?;
-            discovery::discover(&kube, &dopts)
-                .await
-                .map(|d| discovery::records_of(d, keep_objects))
+            discovery::discover_records(&kube, &dopts, keep_objects).await
         }
     }
     .map_err(super::config_error)?;
