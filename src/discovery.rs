@@ -1,9 +1,12 @@
 //! Discovery of ImageStreams through the Kubernetes API.
 //!
 //! ImageStreams (`image.openshift.io/v1`) are not part of `k8s-openapi`, so
-//! they are listed with raw requests through [`kube::Client`] and every item
-//! is converted into [`ImageStream`] with serde, keeping the object as the API
-//! server served it.
+//! they are listed with raw requests through [`kube::Client`]. Each page is
+//! read item by item as it arrives, every item converted with serde into an
+//! [`ImageStream`] ([`discover`]) or, for a backup, straight into the
+//! [`StreamRecord`] a plan needs, with the object as the API server served
+//! it ([`discover_records`]): a large cluster's list is never held whole as
+//! parsed JSON.
 //!
 //! - No namespace given: one cluster-wide paged list
 //!   (`GET /apis/image.openshift.io/v1/imagestreams?limit=N`, following
