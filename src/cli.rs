@@ -44,7 +44,7 @@ pub enum Command {
 /// How to reach and authenticate to a registry.
 #[derive(Debug, Clone, Args)]
 pub struct RegistryArgs {
-    /// Registry host[:port] to pull from / push to.
+    /// Registry host, with :port when not the default, to pull from / push to.
     #[arg(long, default_value = DEFAULT_REGISTRY, env = "ISA_REGISTRY")]
     pub registry: String,
     /// File holding a bearer token (default: the pod's service-account token, when present).

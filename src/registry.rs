@@ -107,7 +107,7 @@ impl std::fmt::Debug for Credentials {
 /// Validated settings of a registry connection.
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
-    /// host[:port].
+    /// `host[:port]`.
     pub host: String,
     /// Credentials.
     pub credentials: Credentials,
