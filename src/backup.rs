@@ -6,6 +6,7 @@
 //! blob is present is complete, by the closure invariant) and so knows the
 //! exact bytes still to fetch, which capacity planning uses.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use bytes::Bytes;
 
 use crate::digest::Digest;
 use crate::imagestream::{self, ImageRef, StreamRecord};
-use crate::index::{ArchiveIndex, Entry, Known};
+use crate::index::{ArchiveIndex, Entry, EntryRef, Known};
 use crate::jsonfile::JsonFile;
 use crate::layout::{Layout, LayoutError};
 use crate::manifest::{self, Parsed};
@@ -540,16 +541,17 @@ fn merge_index(
         .collect();
     let mut entries: Vec<Entry> = Vec::new();
     // Current tag events that are archived, and each tag's next free
-    // history position (keys borrow from this run's refs and the previous
-    // index, no copies).
+    // history position (keys borrow from this run's refs; positions are
+    // cells so that the reader of the committed index below can count
+    // through a shared borrow, with keys borrowed from the file).
     let mut current: HashSet<(&str, &str, &str, &Digest)> = HashSet::new();
-    let mut next_position: HashMap<(&str, &str, &str), usize> = HashMap::new();
+    let mut next_position: HashMap<(&str, &str, &str), Cell<usize>> = HashMap::new();
     let all_refs = plan.refs().chain(plan.external_skipped.iter());
     for r in all_refs {
         let np = next_position
             .entry((&r.namespace, &r.stream, &r.tag))
-            .or_insert(1);
-        *np = (*np).max(r.position + 1);
+            .or_insert(Cell::new(1));
+        np.set(np.get().max(r.position + 1));
         let meta = match plan.known.get(&r.digest) {
             Some((media_type, size)) => Some((media_type.to_string(), size)),
             None if layout.has_blob(&r.digest) => {
@@ -583,46 +585,44 @@ fn merge_index(
         .map(|r| (&*r.namespace, &*r.stream, &*r.tag))
         .collect();
     // Earlier entries: kept unless their stream was discovered and they are
-    // in its status (then they were re-added above) or pruned. Decided
-    // first (borrowing), then moved.
-    let previous = layout.read_index()?;
-    let mut decisions: Vec<Option<usize>> = Vec::with_capacity(previous.entries.len());
-    for e in &previous.entries {
-        let (ns, stream, tag) = (e.namespace.as_str(), e.stream.as_str(), e.tag.as_str());
+    // in its status (then they were re-added above) or pruned. Decided as
+    // the committed index is read: a dropped entry is never copied out.
+    // Tags no longer in their stream count positions from 1.
+    let mut gone: HashMap<(String, String, String), usize> = HashMap::new();
+    let previous = layout.read_index_filtered(&mut |e: &EntryRef<'_>| {
+        let (ns, stream, tag) = (e.namespace, e.stream, e.tag);
         if !discovered.contains(&(ns, stream)) {
-            decisions.push(Some(e.position));
-            continue;
+            return Some(e.position);
         }
-        if current.contains(&(ns, stream, tag, &e.digest)) {
-            decisions.push(None);
-            continue;
+        if current.contains(&(ns, stream, tag, e.digest)) {
+            return None;
         }
         let tag_failed = failed_tags.contains(&(ns, stream, tag));
-        if opts.prune_history && !tag_failed && !opts.failed_namespaces.contains(&e.namespace) {
+        if opts.prune_history && !tag_failed && !opts.failed_namespaces.iter().any(|n| n == ns) {
             report.pruned.push(Failure {
-                namespace: e.namespace.clone(),
-                imagestream: e.stream.clone(),
-                tag: e.tag.clone(),
+                namespace: ns.to_string(),
+                imagestream: stream.to_string(),
+                tag: tag.to_string(),
                 position: Some(e.position),
                 digest: Some(e.digest.clone()),
                 reason: "no longer in the ImageStream's history".into(),
             });
-            decisions.push(None);
-            continue;
+            return None;
         }
         // Gone from the stream: keep it as the oldest history.
-        let np = next_position.entry((ns, stream, tag)).or_insert(1);
-        decisions.push(Some(*np));
-        *np += 1;
-    }
-    drop((current, next_position, failed_tags, discovered));
-    let previous_entries = previous.entries;
-    for (mut e, decision) in previous_entries.into_iter().zip(decisions) {
-        if let Some(position) = decision {
-            e.position = position;
-            entries.push(e);
-        }
-    }
+        Some(match next_position.get(&(ns, stream, tag)) {
+            Some(np) => np.replace(np.get() + 1),
+            None => {
+                let np = gone
+                    .entry((ns.to_string(), stream.to_string(), tag.to_string()))
+                    .or_insert(1);
+                *np += 1;
+                *np - 1
+            }
+        })
+    })?;
+    drop((current, next_position, failed_tags, discovered, gone));
+    entries.extend(previous.entries);
     // The ImageStream objects: this run's replace earlier ones (kept as
     // archived, unparsed).
     let earlier = match &previous.imagestreams {

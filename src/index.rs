@@ -83,6 +83,24 @@ pub struct ArchiveIndex {
     pub foreign: Vec<Value>,
 }
 
+/// An archived tag event as read from `index.json`, borrowed from it.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    /// Namespace of the stream.
+    pub namespace: &'a str,
+    /// Name of the stream.
+    pub stream: &'a str,
+    /// Tag name.
+    pub tag: &'a str,
+    /// Position in the tag's history (0: current).
+    pub position: usize,
+    /// The manifest (or index) digest.
+    pub digest: &'a Digest,
+}
+
+/// Decides, for each entry read, whether it is kept and at which position.
+pub type OnEntry<'f> = dyn FnMut(&EntryRef<'_>) -> Option<usize> + 'f;
+
 /// One of our descriptors as read, borrowed from `index.json`.
 #[derive(Deserialize)]
 struct DescriptorIn<'a> {
@@ -140,6 +158,18 @@ impl DescriptorIn<'_> {
             .map_err(|_| format!("manifests[{i}]: bad {ANN_POSITION}"))?;
         validate_names(namespace, &a.stream, &a.tag).map_err(|e| format!("manifests[{i}]: {e}"))?;
         Ok(Some(d))
+    }
+
+    /// The entry, borrowed (names checked by [`DescriptorIn::read`]).
+    fn entry_ref(&self) -> EntryRef<'_> {
+        let a = &self.annotations;
+        EntryRef {
+            namespace: a.namespace.as_deref().unwrap_or_default(),
+            stream: &a.stream,
+            tag: &a.tag,
+            position: a.position.parse().unwrap_or_default(),
+            digest: &self.digest,
+        }
     }
 
     fn into_entry(self) -> Entry {
@@ -317,21 +347,40 @@ impl Known {
 impl ArchiveIndex {
     /// Parses `index.json` bytes.
     pub fn from_json(data: &[u8]) -> Result<Self, String> {
-        Self::read(data, &mut |_| {})
+        Self::read(data, &mut |_| {}, &mut |e| Some(e.position))
     }
 
     /// Parses a mapped `index.json`, releasing what was parsed.
     pub fn from_file(file: &JsonFile) -> Result<Self, String> {
-        Self::read(file.bytes(), &mut |raw| file.release_through(raw))
+        Self::from_file_filtered(file, &mut |e| Some(e.position))
     }
 
-    fn read(data: &[u8], parsed: &mut dyn FnMut(&str)) -> Result<Self, String> {
+    /// Like [`ArchiveIndex::from_file`], but only the entries for which
+    /// `keep` returns a position are kept (with that position). `keep`
+    /// sees every entry in the file's order (a committed index is sorted),
+    /// after it was checked; dropped entries are never copied out of the
+    /// file.
+    pub fn from_file_filtered(file: &JsonFile, keep: &mut OnEntry<'_>) -> Result<Self, String> {
+        Self::read(file.bytes(), &mut |raw| file.release_through(raw), keep)
+    }
+
+    fn read(
+        data: &[u8],
+        parsed: &mut dyn FnMut(&str),
+        keep: &mut OnEntry<'_>,
+    ) -> Result<Self, String> {
         let mut index = ArchiveIndex::default();
         let ours = memchr::memmem::Finder::new(ANN_NAMESPACE);
         let rest = jsonfile::scan_array(data, "manifests", &mut |i, value| {
             let text = value.get();
             match DescriptorIn::read(i, text, &ours)? {
-                Some(d) => index.entries.push(d.into_entry()),
+                Some(d) => {
+                    if let Some(position) = keep(&d.entry_ref()) {
+                        let mut entry = d.into_entry();
+                        entry.position = position;
+                        index.entries.push(entry);
+                    }
+                }
                 None => index
                     .foreign
                     .push(serde_json::from_str(text).map_err(|e| format!("manifests[{i}]: {e}"))?),
@@ -558,6 +607,30 @@ mod tests {
             idx.sort();
             idx
         });
+        // Filtered: `keep` sees every entry in order and decides; foreign
+        // descriptors and the list annotation stay.
+        let mut seen = Vec::new();
+        let kept = ArchiveIndex::from_file_filtered(&file, &mut |e| {
+            seen.push((e.tag.to_string(), e.position, e.digest.clone()));
+            (e.position == 1).then_some(7)
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                ("v1".to_string(), 0, Digest::of(b"a")),
+                ("v1".to_string(), 1, Digest::of(b"b"))
+            ]
+        );
+        assert_eq!(kept.entries.len(), 1);
+        assert_eq!(
+            (kept.entries[0].position, &kept.entries[0].digest),
+            (7, &Digest::of(b"b"))
+        );
+        assert_eq!(
+            (kept.foreign.len(), kept.imagestreams),
+            (1, Some(Digest::of(b"list")))
+        );
         // Too large for the compact form: left to the blob store.
         let mut k = Known::default();
         k.insert(Digest::of(b"huge"), "x", u64::from(u32::MAX) + 1);

@@ -422,6 +422,15 @@ impl Layout {
         self.with_index(ArchiveIndex::from_file)
     }
 
+    /// Reads the committed `index.json`, keeping only the entries `keep`
+    /// gives a position ([`ArchiveIndex::from_file_filtered`]).
+    pub fn read_index_filtered(
+        &self,
+        keep: &mut crate::index::OnEntry<'_>,
+    ) -> Result<ArchiveIndex, LayoutError> {
+        self.with_index(|file| ArchiveIndex::from_file_filtered(file, keep))
+    }
+
     /// Reads what a plan needs of the committed `index.json` (digests,
     /// media types and sizes of the archived images), in little memory.
     pub fn read_known(&self) -> Result<crate::index::Known, LayoutError> {

@@ -279,6 +279,58 @@ fn unchanged_rerun_sends_no_request_and_new_pushes_are_incremental() {
 }
 
 #[test]
+fn history_gone_from_the_stream_is_kept_as_its_oldest_and_a_removed_tag_too() {
+    let reg = Registry::start();
+    let seeded = seed(&reg, &["--preset", "small"]);
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("archive");
+    run_ok(0, backup_args(&reg, &archive, &seeded.imagestreams));
+    let before = archived_events(&archive);
+
+    // The API server dropped every tag's history, and the first stream's
+    // first tag is gone altogether.
+    let mut list = seeded.list();
+    let first = &mut list["items"][0];
+    let removed_tag = first["status"]["tags"][0]["tag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ns, name) = (
+        first["metadata"]["namespace"].as_str().unwrap().to_string(),
+        first["metadata"]["name"].as_str().unwrap().to_string(),
+    );
+    first["status"]["tags"].as_array_mut().unwrap().remove(0);
+    for is in list["items"].as_array_mut().unwrap() {
+        for t in is["status"]["tags"].as_array_mut().unwrap() {
+            t["items"] = Value::Array(vec![t["items"][0].clone()]);
+        }
+    }
+    let path = work.path().join("current-only.json");
+    std::fs::write(&path, serde_json::to_vec(&list).unwrap()).unwrap();
+    let report = run_ok(0, backup_args(&reg, &archive, &path)).json();
+    assert_eq!(report["totals"]["images_new"], 0, "{report}");
+    assert!(report["pruned"].as_array().is_none_or(Vec::is_empty));
+
+    // Nothing is lost: history keeps its positions behind the current
+    // image, and the removed tag's images are all history now (its current
+    // image becomes item 1).
+    let after = archived_events(&archive);
+    let expected: HashSet<_> = before
+        .into_iter()
+        .map(|(n, s, t, p, d)| {
+            let p = if (n.as_str(), s.as_str(), t.as_str()) == (&*ns, &*name, &*removed_tag) {
+                p + 1
+            } else {
+                p
+            };
+            (n, s, t, p, d)
+        })
+        .collect();
+    assert_eq!(after, expected);
+    run_ok(0, ["verify", "--archive", archive.to_str().unwrap()]);
+}
+
+#[test]
 fn dry_run_plans_without_writing() {
     let reg = Registry::start();
     let seeded = seed(&reg, &["--preset", "small"]);
