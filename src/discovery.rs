@@ -2,11 +2,10 @@
 //!
 //! ImageStreams (`image.openshift.io/v1`) are not part of `k8s-openapi`, so
 //! they are listed with raw requests through [`kube::Client`]. Each page is
-//! read item by item as it arrives, every item converted with serde into an
-//! [`ImageStream`] ([`discover`]) or, for a backup, straight into the
+//! read item by item as it arrives, every item straight into the
 //! [`StreamRecord`] a plan needs, with the object as the API server served
-//! it ([`discover_records`]): a large cluster's list is never held whole as
-//! parsed JSON.
+//! it when asked ([`discover_records`]): a large cluster's list is never
+//! held whole as parsed JSON.
 //!
 //! - No namespace given: one cluster-wide paged list
 //!   (`GET /apis/image.openshift.io/v1/imagestreams?limit=N`, following
@@ -101,10 +100,10 @@ impl RetryPolicy {
 }
 
 /// The ImageStreams found, and what went wrong in some namespaces.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Discovered<T = ImageStream> {
+#[derive(Debug, Clone, Default)]
+pub struct Discovered {
     /// The streams, sorted by namespace then name, without duplicates.
-    pub streams: Vec<T>,
+    pub streams: Vec<StreamRecord>,
     /// Namespaces (or items) that could not be listed; the rest went on.
     pub problems: Vec<DiscoveryProblem>,
 }
@@ -232,7 +231,7 @@ pub enum DiscoveryError {
 /// `KUBECONFIG` / `~/.kube/config` (via [`kube::Config::infer`]).
 ///
 /// Installs the ring rustls provider when none is installed yet, and turns
-/// off kube's own retry layer so that [`discover`] alone decides how often
+/// off kube's own retry layer so that [`discover_records`] alone decides how often
 /// and how long to retry.
 pub async fn client_from_env() -> Result<kube::Client, DiscoveryError> {
     let config = kube::Config::infer()
@@ -250,48 +249,23 @@ pub fn client_from_config(mut config: kube::Config) -> Result<kube::Client, Disc
     kube::Client::try_from(config).map_err(|source| DiscoveryError::Client { cluster, source })
 }
 
-/// Lists the ImageStreams `opts` asks for through the API server.
+/// Lists the ImageStreams `opts` asks for through the API server, each
+/// item read into a [`StreamRecord`] (with its object when `keep_objects`)
+/// as its page arrives: only one page of the list is in memory at a time.
 ///
-/// Per-namespace refusals become [`Discovered::problems`]; a cluster-wide
-/// refusal, bad credentials, an unreachable server or a malformed answer
-/// are errors.
-pub async fn discover(
-    client: &kube::Client,
-    opts: &DiscoveryOptions,
-) -> Result<Discovered, DiscoveryError> {
-    discover_as(client, opts, &item_to_stream, |is| {
-        (is.metadata.namespace.as_str(), is.metadata.name.as_str())
-    })
-    .await
-}
-
-/// Like [`discover`], but each item becomes a [`StreamRecord`] (with its
-/// object when `keep_objects`) as its page arrives: a large cluster's list
-/// is never held as parsed JSON, only one page of it at a time.
+/// Per-namespace refusals and unreadable items become
+/// [`Discovered::problems`]; a cluster-wide refusal, bad credentials, an
+/// unreachable server or a malformed answer are errors.
 pub async fn discover_records(
     client: &kube::Client,
     opts: &DiscoveryOptions,
     keep_objects: bool,
-) -> Result<Discovered<StreamRecord>, DiscoveryError> {
-    let read = move |raw: &str| {
-        StreamRecord::parse(raw, keep_objects).map_err(|reason| unreadable(raw, &reason))
-    };
-    discover_as(client, opts, &read, |r| (&*r.namespace, &*r.name)).await
-}
-
-/// Lists the streams, reading each list item with `read`; the result is
-/// sorted by `key` (namespace, name) without duplicates.
-async fn discover_as<T>(
-    client: &kube::Client,
-    opts: &DiscoveryOptions,
-    read: &(dyn Fn(&str) -> ItemResult<T> + Sync),
-    key: fn(&T) -> (&str, &str),
-) -> Result<Discovered<T>, DiscoveryError> {
+) -> Result<Discovered, DiscoveryError> {
     let mut streams = Vec::new();
     let mut problems = Vec::new();
     let namespaces: BTreeSet<&str> = opts.namespaces.iter().map(String::as_str).collect();
     if namespaces.is_empty() {
-        match list_paged(client, opts, None, read).await {
+        match list_paged(client, opts, None, keep_objects).await {
             Ok(items) => collect_items(items, None, &mut streams, &mut problems),
             Err(ListFailure::Refused {
                 code: 403, message, ..
@@ -300,7 +274,7 @@ async fn discover_as<T>(
         }
     } else {
         for ns in namespaces {
-            match list_paged(client, opts, Some(ns), read).await {
+            match list_paged(client, opts, Some(ns), keep_objects).await {
                 Ok(items) => collect_items(items, Some(ns), &mut streams, &mut problems),
                 Err(ListFailure::Refused {
                     code,
@@ -325,7 +299,7 @@ async fn discover_as<T>(
             }
         }
     }
-    let streams = sort_dedup(streams, key);
+    let streams = sort_dedup(streams, |r| (&*r.namespace, &*r.name));
     tracing::info!(
         streams = streams.len(),
         problems = problems.len(),
@@ -341,7 +315,7 @@ pub fn records_from_file(
     path: &Path,
     opts: &DiscoveryOptions,
     keep_objects: bool,
-) -> Result<Discovered<StreamRecord>, DiscoveryError> {
+) -> Result<Discovered, DiscoveryError> {
     let file = imagestream::open(path)?;
     let mut streams = Vec::new();
     imagestream::scan_list(file.bytes(), &path.display().to_string(), &mut |_, raw| {
@@ -403,13 +377,13 @@ fn sort_dedup<T, K: Ord + ?Sized>(mut streams: Vec<T>, key: impl Fn(&T) -> (&K, 
 
 /// One list item, read: the stream, or the item's namespace (when it has
 /// one) and why it could not be read.
-type ItemResult<T> = Result<T, (Option<String>, String)>;
+type ItemResult = Result<StreamRecord, (Option<String>, String)>;
 
 /// Sorts read list items into streams and problems.
-fn collect_items<T>(
-    items: Vec<ItemResult<T>>,
+fn collect_items(
+    items: Vec<ItemResult>,
     ns: Option<&str>,
-    streams: &mut Vec<T>,
+    streams: &mut Vec<StreamRecord>,
     problems: &mut Vec<DiscoveryProblem>,
 ) {
     for (i, item) in items.into_iter().enumerate() {
@@ -440,23 +414,10 @@ fn unreadable(raw: &str, reason: &str) -> (Option<String>, String) {
     )
 }
 
-/// One list item to an [`ImageStream`] (list items omit apiVersion and kind
-/// on some servers: they are ImageStreams).
-fn item_to_stream(raw: &str) -> ItemResult<ImageStream> {
-    let is: ImageStream = serde_json::from_str(raw).map_err(|e| unreadable(raw, &e.to_string()))?;
-    if is.metadata.name.is_empty() || is.metadata.namespace.is_empty() {
-        return Err(unreadable(
-            raw,
-            "metadata.name and metadata.namespace are required",
-        ));
-    }
-    if is.kind != "ImageStream" {
-        return Err(unreadable(
-            raw,
-            &format!("kind {:?} is not ImageStream", is.kind),
-        ));
-    }
-    Ok(is)
+/// One list item to a [`StreamRecord`] (list items omit apiVersion and
+/// kind on some servers: they are ImageStreams).
+fn item_to_record(raw: &str, keep_object: bool) -> ItemResult {
+    StreamRecord::parse(raw, keep_object).map_err(|reason| unreadable(raw, &reason))
 }
 
 /// The collection path for a namespace, or cluster-wide.
@@ -551,14 +512,14 @@ impl ListFailure {
     }
 }
 
-/// Lists every page of one collection, reading each item with `read` as
+/// Lists every page of one collection, reading each item into a record as
 /// its page arrives; restarts once on 410 Gone.
-async fn list_paged<T>(
+async fn list_paged(
     client: &kube::Client,
     opts: &DiscoveryOptions,
     namespace: Option<&str>,
-    read: &(dyn Fn(&str) -> ItemResult<T> + Sync),
-) -> Result<Vec<ItemResult<T>>, ListFailure> {
+    keep_objects: bool,
+) -> Result<Vec<ItemResult>, ListFailure> {
     let path = list_path(namespace);
     let limit = if opts.page_size == 0 {
         DEFAULT_PAGE_SIZE
@@ -608,8 +569,10 @@ async fn list_paged<T>(
                 }
             }
             let before = items.len();
-            let continue_token_of_page = read_page(&resp.body, &mut |raw| items.push(read(raw)))
-                .map_err(|e| ListFailure::Fatal(CallFailureOrOther::Decode(e)))?;
+            let continue_token_of_page = read_page(&resp.body, &mut |raw| {
+                items.push(item_to_record(raw, keep_objects))
+            })
+            .map_err(|e| ListFailure::Fatal(CallFailureOrOther::Decode(e)))?;
             pages += 1;
             tracing::debug!(
                 scope = scope(namespace),
@@ -870,8 +833,9 @@ mod tests {
 
     #[test]
     fn item_without_kind_is_an_imagestream() {
-        let item = |v: Value| item_to_stream(&v.to_string());
-        let is = item(json!({"metadata": {"name": "n", "namespace": "ns"}})).unwrap();
+        let item = |v: Value| item_to_record(&v.to_string(), true);
+        let record = item(json!({"metadata": {"name": "n", "namespace": "ns"}})).unwrap();
+        let is: ImageStream = serde_json::from_str(record.object.unwrap().get()).unwrap();
         assert_eq!(is.kind, "ImageStream");
         let (ns, reason) =
             item(json!({"metadata": {"name": "n", "namespace": "ns"}, "status": {"tags": 3}}))
