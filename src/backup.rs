@@ -667,9 +667,9 @@ fn merge_index(
         imagestream::write_list_json(&items, &mut w)?;
         std::io::Write::flush(&mut w)
     };
-    let mut hasher = sha2::Sha256::default();
+    let mut hasher = crate::digest::Sha256::new();
     write(&mut hasher).expect("hashing cannot fail");
-    let list_digest = Digest::from_sha256(sha2::Digest::finalize(hasher).into());
+    let list_digest = hasher.finish();
     if !layout.has_blob(&list_digest) {
         let mut blob = layout.blob_writer(&list_digest, None)?;
         write(&mut blob).map_err(|e| blob.error(e))?;

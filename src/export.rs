@@ -28,7 +28,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::closure::{self, ClosureError};
-use crate::digest::Digest;
+use crate::digest::{Digest, Sha256};
 use crate::imagestream;
 use crate::index::ArchiveIndex;
 use crate::layout::{Layout, LayoutError};
@@ -239,7 +239,7 @@ pub fn export_with_workers<W: Write>(
                     remaining: size,
                     digest: digest.clone(),
                     failure: None,
-                    hasher: <sha2::Sha256 as sha2::Digest>::new(),
+                    hasher: Sha256::new(),
                 };
                 let res = tar.append(&header, &mut exact);
                 if let Some(reason) = exact.failure.take() {
@@ -248,7 +248,7 @@ pub fn export_with_workers<W: Write>(
                 res.map_err(werr(&what))?;
                 // A blob that rotted on disk is not shipped: the stream would
                 // only be refused at import, possibly at the recovery site.
-                let actual = Digest::from_sha256(sha2::Digest::finalize(exact.hasher).into());
+                let actual = exact.hasher.finish();
                 if actual != digest {
                     return Err(ExportError::Corrupt { digest, actual });
                 }
@@ -480,7 +480,7 @@ struct ExactReader {
     digest: Digest,
     failure: Option<String>,
     /// Hashes what is read, so that a corrupt blob is not shipped.
-    hasher: sha2::Sha256,
+    hasher: Sha256,
 }
 
 impl Read for ExactReader {
@@ -505,7 +505,7 @@ impl Read for ExactReader {
             ));
         }
         self.remaining -= n as u64;
-        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        self.hasher.update(&buf[..n]);
         Ok(n)
     }
 }

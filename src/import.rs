@@ -18,10 +18,9 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use serde::Serialize;
-use sha2::Digest as _;
 
 use crate::closure;
-use crate::digest::Digest;
+use crate::digest::{Digest, Sha256};
 use crate::export::{BlobList, BLOB_LIST};
 use crate::imagestream::{self, ImageStream};
 use crate::index::{ArchiveIndex, Entry};
@@ -288,7 +287,7 @@ pub fn read_small(
 
 /// Reads a blob member to its end, hashing it; fails unless it matches.
 pub fn drain_verify(reader: &mut dyn Read, digest: &Digest, size: u64) -> Result<(), ImportError> {
-    let mut hasher = sha2::Sha256::new();
+    let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut n_total = 0u64;
     loop {
@@ -310,7 +309,7 @@ pub fn verify_hash(
     digest: &Digest,
     size: u64,
     got: u64,
-    hasher: sha2::Sha256,
+    hasher: Sha256,
 ) -> Result<(), ImportError> {
     if got != size {
         return Err(ImportError::BlobMismatch {
@@ -318,7 +317,7 @@ pub fn verify_hash(
             reason: format!("{got} bytes instead of {size}"),
         });
     }
-    let actual = Digest::from_sha256(hasher.finalize().into());
+    let actual = hasher.finish();
     if &actual != digest {
         return Err(ImportError::BlobMismatch {
             digest: digest.clone(),
@@ -544,7 +543,7 @@ impl Held {
             return self.present(layout, digest, stats);
         }
         // Only verified bytes are held.
-        let mut hasher = sha2::Sha256::new();
+        let mut hasher = Sha256::new();
         hasher.update(&data);
         verify_hash(&digest, data.len() as u64, data.len() as u64, hasher)?;
         for d in &missing {

@@ -15,9 +15,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use sha2::Digest as _;
-
-use crate::digest::Digest;
+use crate::digest::{Digest, Sha256};
 use crate::index::ArchiveIndex;
 use crate::jsonfile::JsonFile;
 
@@ -293,7 +291,7 @@ impl Layout {
             dir: self.root.join("blobs").join("sha256"),
             expected: expected.clone(),
             expected_size,
-            hasher: sha2::Sha256::new(),
+            hasher: Sha256::new(),
             written: 0,
             suspect: self.suspect.clone(),
         })
@@ -570,7 +568,7 @@ pub struct BlobWriter {
     dir: PathBuf,
     expected: Digest,
     expected_size: Option<u64>,
-    hasher: sha2::Sha256,
+    hasher: Sha256,
     written: u64,
     suspect: Arc<Mutex<HashSet<Digest>>>,
 }
@@ -626,7 +624,7 @@ impl BlobWriter {
                 });
             }
         }
-        let actual = Digest::from_sha256(std::mem::take(&mut self.hasher).finalize().into());
+        let actual = std::mem::take(&mut self.hasher).finish();
         if actual != self.expected {
             return Err(LayoutError::Mismatch {
                 expected: self.expected.clone(),

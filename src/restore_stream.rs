@@ -20,11 +20,10 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use sha2::Digest as _;
 use tokio::sync::mpsc;
 
 use crate::closure::Node;
-use crate::digest::Digest;
+use crate::digest::{Digest, Sha256};
 use crate::export::{BlobInfo, BLOB_LIST};
 use crate::import::{self, ImportError, Member};
 use crate::index::ArchiveIndex;
@@ -399,7 +398,7 @@ fn read_into<R: Read>(reader: R, tx: mpsc::Sender<Msg>) -> Result<(), ImportErro
 }
 
 fn check(digest: &Digest, size: u64, data: &[u8]) -> Result<(), ImportError> {
-    let mut h = sha2::Sha256::new();
+    let mut h = Sha256::new();
     h.update(data);
     import::verify_hash(digest, size, data.len() as u64, h)
 }
@@ -417,7 +416,7 @@ fn stream_blob(
     let mut wanted = tx
         .blocking_send(Msg::Large(digest.clone(), size, crx))
         .is_ok();
-    let mut hasher = sha2::Sha256::new();
+    let mut hasher = Sha256::new();
     let mut got = 0u64;
     loop {
         let mut buf = vec![0u8; CHUNK];

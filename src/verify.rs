@@ -6,10 +6,9 @@ use std::io::Read;
 
 use rayon::prelude::*;
 use serde::Serialize;
-use sha2::Digest as _;
 
 use crate::closure;
-use crate::digest::Digest;
+use crate::digest::{Digest, Sha256};
 use crate::imagestream;
 use crate::layout::{Layout, LayoutError, INGEST_DIR};
 
@@ -47,7 +46,7 @@ impl VerifyReport {
 
 fn hash_file(path: &std::path::Path) -> std::io::Result<Digest> {
     let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
+    let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf)?;
@@ -56,7 +55,7 @@ fn hash_file(path: &std::path::Path) -> std::io::Result<Digest> {
         }
         h.update(&buf[..n]);
     }
-    Ok(Digest::from_sha256(h.finalize().into()))
+    Ok(h.finish())
 }
 
 /// What [`corrupt_blobs`] found: the bad blobs with a reason, how many blobs

@@ -39,7 +39,6 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use serde::Serialize;
 use serde_json::{json, Value};
-use sha2::{Digest as _, Sha256};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -258,7 +257,7 @@ impl Prng {
 }
 
 fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    imagestream_archiver::digest::Digest::of(data).to_string()
 }
 
 fn crc32(data: &[u8]) -> u32 {
