@@ -190,7 +190,10 @@ pub async fn plan(
         "planning"
     );
 
-    let jobs = opts.jobs.max(1);
+    // A manifest is a few KiB and its fetch mostly waits on the registry
+    // (a cold manifest costs it a few disk reads): planning keeps more
+    // requests in flight than the blob downloads do.
+    let jobs = (opts.jobs.max(1) * 4).min(64);
     let results = transfer::bounded(candidates.into_iter().collect(), jobs, {
         let client = client.clone();
         let layout = layout.clone();
@@ -252,7 +255,9 @@ pub async fn plan(
 }
 
 /// Fetches a manifest and, for an index, every child manifest not yet in
-/// the archive. Returns the tree children first, the root last.
+/// the archive: the children of one level at once (a manifest list's
+/// platforms are not a chain of round trips). Returns the tree children
+/// first, the root last: every manifest after all manifests it references.
 async fn fetch_tree(
     client: &RegistryClient,
     layout: &Layout,
@@ -260,49 +265,80 @@ async fn fetch_tree(
     top: &Digest,
     all_children: bool,
 ) -> Result<Vec<(Digest, Fetched)>, (String, bool)> {
-    let mut out: Vec<(Digest, Fetched)> = Vec::new();
-    // (digest, depth); a stack of pending manifests, expanded depth first.
-    let mut pending = vec![(top.clone(), 0usize)];
-    let mut expanded: Vec<(Digest, Fetched)> = Vec::new();
-    let mut seen = HashSet::new();
-    while let Some((digest, depth)) = pending.pop() {
-        if !seen.insert(digest.clone()) {
-            continue;
+    let mut fetched: HashMap<Digest, Fetched> = HashMap::new();
+    let mut level = vec![top.clone()];
+    let mut seen: HashSet<Digest> = HashSet::from([top.clone()]);
+    for depth in 0.. {
+        if level.is_empty() {
+            break;
         }
         if depth > 8 {
             return Err((
-                format!("index nesting deeper than 8 levels at {digest}"),
+                format!("index nesting deeper than 8 levels at {}", level[0]),
                 false,
             ));
         }
-        let bytes = client
-            .pull_manifest(repo, &digest)
-            .await
-            .map_err(|e| (format!("{e:#}"), e.is_config()))?;
-        let parsed = manifest::parse(&digest, &bytes, None).map_err(|e| (e.to_string(), false))?;
-        for child in &parsed.children {
-            if &child.digest == top {
-                return Err((
-                    format!("index {digest} references {} again (loop)", child.digest),
-                    false,
-                ));
+        let got = futures::future::try_join_all(level.into_iter().map(|digest| async move {
+            let bytes = client
+                .pull_manifest(repo, &digest)
+                .await
+                .map_err(|e| (format!("{e:#}"), e.is_config()))?;
+            let parsed =
+                manifest::parse(&digest, &bytes, None).map_err(|e| (e.to_string(), false))?;
+            Ok::<_, (String, bool)>((digest, Fetched { bytes, parsed }))
+        }))
+        .await?;
+        let mut next = Vec::new();
+        for (digest, f) in got {
+            for child in &f.parsed.children {
+                if &child.digest == top {
+                    return Err((
+                        format!("index {digest} references {} again (loop)", child.digest),
+                        false,
+                    ));
+                }
+                // A child shared by two indexes of the tree is fetched once.
+                if (all_children || !layout.has_blob(&child.digest))
+                    && seen.insert(child.digest.clone())
+                {
+                    next.push(child.digest.clone());
+                }
             }
-            // A child shared by two nested indexes is fetched once; deeper
-            // loops end at the depth limit.
-            if seen.contains(&child.digest) {
-                continue;
+            fetched.insert(digest, f);
+        }
+        level = next;
+    }
+    Ok(children_first(top, fetched))
+}
+
+/// The fetched manifests of a tree, each after every fetched manifest it
+/// references (depth first from `top`); a manifest not fetched is in the
+/// archive already.
+fn children_first(top: &Digest, mut fetched: HashMap<Digest, Fetched>) -> Vec<(Digest, Fetched)> {
+    let mut out: Vec<(Digest, Fetched)> = Vec::with_capacity(fetched.len());
+    let mut entered: HashSet<Digest> = HashSet::new();
+    let mut stack = vec![(top.clone(), false)];
+    while let Some((digest, children_done)) = stack.pop() {
+        if children_done {
+            if let Some(f) = fetched.remove(&digest) {
+                out.push((digest, f));
             }
-            if all_children || !layout.has_blob(&child.digest) {
-                pending.push((child.digest.clone(), depth + 1));
+            continue;
+        }
+        let Some(f) = fetched
+            .get(&digest)
+            .filter(|_| entered.insert(digest.clone()))
+        else {
+            continue;
+        };
+        stack.push((digest.clone(), true));
+        for child in &f.parsed.children {
+            if fetched.contains_key(&child.digest) {
+                stack.push((child.digest.clone(), false));
             }
         }
-        expanded.push((digest, Fetched { bytes, parsed }));
     }
-    // Parents were expanded before children: reverse for children first.
-    while let Some(item) = expanded.pop() {
-        out.push(item);
-    }
-    Ok(out)
+    out
 }
 
 /// Downloads the plan's blobs, writes manifests in closure order, merges
@@ -683,4 +719,64 @@ fn merge_index(
     };
     index.sort();
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetched(json: String) -> (Digest, Fetched) {
+        let digest = Digest::of(json.as_bytes());
+        let parsed = manifest::parse(&digest, json.as_bytes(), None).unwrap();
+        (
+            digest,
+            Fetched {
+                bytes: Bytes::from(json),
+                parsed,
+            },
+        )
+    }
+
+    fn index(children: &[&Digest]) -> (Digest, Fetched) {
+        let manifests: Vec<String> = children
+            .iter()
+            .map(|d| {
+                format!(
+                    r#"{{"mediaType":"{}","digest":"{d}","size":1}}"#,
+                    manifest::OCI_INDEX
+                )
+            })
+            .collect();
+        fetched(format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{}]}}"#,
+            manifest::OCI_INDEX,
+            manifests.join(",")
+        ))
+    }
+
+    #[test]
+    fn a_manifest_comes_after_everything_it_references() {
+        // top -> [a, x], a -> [x, y], y -> [x], and `present` is archived
+        // already: x is shared across levels, y sits below a.
+        let present = Digest::of(b"archived");
+        let x = index(&[]);
+        let y = index(&[&x.0]);
+        let a = index(&[&x.0, &y.0, &present]);
+        let top = index(&[&a.0, &x.0]);
+        let names: HashMap<Digest, &str> = [(&top, "top"), (&a, "a"), (&x, "x"), (&y, "y")]
+            .into_iter()
+            .map(|(m, n)| (m.0.clone(), n))
+            .collect();
+        let top_digest = top.0.clone();
+        let order: Vec<&str> = children_first(&top_digest, HashMap::from([top, a, x, y]))
+            .iter()
+            .map(|(d, _)| names[d])
+            .collect();
+        assert_eq!(order.len(), 4, "each manifest once: {order:?}");
+        let at = |n: &str| order.iter().position(|o| *o == n).unwrap();
+        assert!(
+            at("x") < at("y") && at("y") < at("a") && at("a") < at("top"),
+            "{order:?}"
+        );
+    }
 }
