@@ -68,8 +68,9 @@ pub struct RegistryArgs {
     /// Talk plain HTTP to the registry (a local test registry).
     #[arg(long)]
     pub plain_http: bool,
-    /// Parallel transfers.
-    #[arg(long, short = 'j', default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Parallel transfers (blobs; a backup's planning fetches up to four
+    /// times as many manifests at once, at most 64).
+    #[arg(long, short = 'j', default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub jobs: u16,
     /// Attempts per request on transient errors (5xx, 429, resets, timeouts).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
