@@ -192,20 +192,25 @@ pub async fn plan(
 
     // A manifest is a few KiB and its fetch mostly waits on the registry
     // (a cold manifest costs it a few disk reads): planning keeps more
-    // requests in flight than the blob downloads do.
-    let jobs = (opts.jobs.max(1) * 4).min(64);
-    let results = transfer::bounded(candidates.into_iter().collect(), jobs, {
+    // requests in flight than the blob downloads do. One bound for all of
+    // them, children of manifest lists included.
+    let jobs = opts.jobs.max(1);
+    let in_flight = (jobs * 4).clamp(jobs, 64.max(jobs));
+    let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let results = transfer::bounded(candidates.into_iter().collect(), in_flight, {
         let client = client.clone();
         let layout = layout.clone();
+        let permits = permits.clone();
         let force = Arc::new(opts.force.clone());
         move |(digest, repos): (Digest, Vec<String>)| {
             let client = client.clone();
             let layout = layout.clone();
+            let permits = permits.clone();
             let all = force.contains(&digest);
             async move {
                 let mut last = (String::new(), false);
                 for repo in &repos {
-                    match fetch_tree(&client, &layout, repo, &digest, all).await {
+                    match fetch_tree(&client, &layout, &permits, repo, &digest, all).await {
                         Ok(tree) => return (digest, repo.clone(), Ok(tree)),
                         Err(e) => last = e,
                     }
@@ -256,11 +261,13 @@ pub async fn plan(
 
 /// Fetches a manifest and, for an index, every child manifest not yet in
 /// the archive: the children of one level at once (a manifest list's
-/// platforms are not a chain of round trips). Returns the tree children
-/// first, the root last: every manifest after all manifests it references.
+/// platforms are not a chain of round trips), each request holding one of
+/// `permits`. Returns the tree children first, the root last: every
+/// manifest after all manifests it references.
 async fn fetch_tree(
     client: &RegistryClient,
     layout: &Layout,
+    permits: &tokio::sync::Semaphore,
     repo: &str,
     top: &Digest,
     all_children: bool,
@@ -279,10 +286,15 @@ async fn fetch_tree(
             ));
         }
         let got = futures::future::try_join_all(level.into_iter().map(|digest| async move {
+            let permit = permits
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
             let bytes = client
                 .pull_manifest(repo, &digest)
                 .await
                 .map_err(|e| (format!("{e:#}"), e.is_config()))?;
+            drop(permit);
             let parsed =
                 manifest::parse(&digest, &bytes, None).map_err(|e| (e.to_string(), false))?;
             Ok::<_, (String, bool)>((digest, Fetched { bytes, parsed }))

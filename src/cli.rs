@@ -68,8 +68,8 @@ pub struct RegistryArgs {
     /// Talk plain HTTP to the registry (a local test registry).
     #[arg(long)]
     pub plain_http: bool,
-    /// Parallel transfers (blobs; a backup's planning fetches up to four
-    /// times as many manifests at once, at most 64).
+    /// Parallel transfers (blobs; a backup's planning fetches four times as
+    /// many manifests at once, at most 64 unless --jobs is more).
     #[arg(long, short = 'j', default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub jobs: u16,
     /// Attempts per request on transient errors (5xx, 429, resets, timeouts).
