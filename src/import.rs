@@ -304,6 +304,13 @@ pub fn drain_verify(reader: &mut dyn Read, digest: &Digest, size: u64) -> Result
     verify_hash(digest, size, n_total, hasher)
 }
 
+/// Checks bytes held in memory against the digest and declared size.
+pub fn verify_bytes(digest: &Digest, size: u64, data: &[u8]) -> Result<(), ImportError> {
+    let mut hasher = Sha256::new();
+    hasher.update(data);
+    verify_hash(digest, size, data.len() as u64, hasher)
+}
+
 /// Checks a finished hash against the digest.
 pub fn verify_hash(
     digest: &Digest,
@@ -543,9 +550,7 @@ impl Held {
             return self.present(layout, digest, stats);
         }
         // Only verified bytes are held.
-        let mut hasher = Sha256::new();
-        hasher.update(&data);
-        verify_hash(&digest, data.len() as u64, data.len() as u64, hasher)?;
+        verify_bytes(&digest, data.len() as u64, &data)?;
         for d in &missing {
             self.waiting
                 .entry((*d).clone())

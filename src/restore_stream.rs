@@ -345,7 +345,7 @@ fn read_into<R: Read>(reader: R, tx: mpsc::Sender<Msg>) -> Result<(), ImportErro
                             MAX_MANIFEST_SIZE,
                             &format!("manifest {digest}"),
                         )?;
-                        check(&digest, size, &data)?;
+                        import::verify_bytes(&digest, size, &data)?;
                         // Kept in memory to the end: only real manifests,
                         // and a bounded amount of them.
                         crate::manifest::parse(&digest, &data, Some(media_type)).map_err(|e| {
@@ -373,7 +373,7 @@ fn read_into<R: Read>(reader: R, tx: mpsc::Sender<Msg>) -> Result<(), ImportErro
                     Some(None) if size <= SMALL_BLOB => {
                         let data =
                             import::read_small(r, size, SMALL_BLOB, &format!("blob {digest}"))?;
-                        check(&digest, size, &data)?;
+                        import::verify_bytes(&digest, size, &data)?;
                         let _ = tx.blocking_send(Msg::Small(digest, Bytes::from(data)));
                     }
                     Some(None) => stream_blob(r, &digest, size, &tx)?,
@@ -395,12 +395,6 @@ fn read_into<R: Read>(reader: R, tx: mpsc::Sender<Msg>) -> Result<(), ImportErro
         )));
     }
     Ok(())
-}
-
-fn check(digest: &Digest, size: u64, data: &[u8]) -> Result<(), ImportError> {
-    let mut h = Sha256::new();
-    h.update(data);
-    import::verify_hash(digest, size, data.len() as u64, h)
 }
 
 /// Sends a large blob in chunks, hashing it; a digest mismatch is sent as
