@@ -31,7 +31,7 @@ use http::{HeaderMap, StatusCode};
 use kube::api::ListParams;
 use serde_json::Value;
 
-use crate::imagestream::{self, ImageStream, ImageStreamError, StreamRecord};
+use crate::imagestream::{self, ImageStreamError, StreamRecord};
 
 /// The API group and version of ImageStreams.
 pub const IMAGE_API: &str = "/apis/image.openshift.io/v1";
@@ -345,27 +345,6 @@ fn wanted(
 ) -> bool {
     (namespaces.is_empty() || namespaces.iter().any(|n| n == namespace))
         && selector.is_none_or(|s| imagestream::matches_selector(labels, s))
-}
-
-/// Keeps the streams in `namespaces` (all when empty) whose labels match
-/// `selector`, sorted by namespace and name, without duplicates.
-pub fn filter_streams(
-    streams: Vec<ImageStream>,
-    namespaces: &[String],
-    selector: Option<&str>,
-) -> Vec<ImageStream> {
-    let kept = streams
-        .into_iter()
-        .filter(|is| {
-            wanted(
-                &is.metadata.namespace,
-                &is.metadata.labels,
-                namespaces,
-                selector,
-            )
-        })
-        .collect();
-    sort_dedup(kept, |is| (&is.metadata.namespace, &is.metadata.name))
 }
 
 /// Sorts by namespace then name and drops later duplicates.
@@ -739,6 +718,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::imagestream::ImageStream;
     use serde_json::json;
 
     fn stream(ns: &str, name: &str, labels: &[(&str, &str)]) -> ImageStream {
@@ -771,22 +751,27 @@ mod tests {
 
     #[test]
     fn filter_applies_namespaces_and_selector() {
-        let all = vec![
+        let all = [
             stream("a", "one", &[("app", "web")]),
             stream("a", "two", &[("app", "db")]),
             stream("b", "three", &[("app", "web")]),
         ];
-        let out = filter_streams(all.clone(), &["a".into()], Some("app=web"));
-        assert_eq!(
-            out.iter().map(ImageStream::key).collect::<Vec<_>>(),
-            ["a/one"]
-        );
-        let out = filter_streams(all.clone(), &[], Some("app!=web"));
-        assert_eq!(
-            out.iter().map(ImageStream::key).collect::<Vec<_>>(),
-            ["a/two"]
-        );
-        assert_eq!(filter_streams(all, &[], None).len(), 3);
+        let kept = |namespaces: &[String], selector: Option<&str>| {
+            all.iter()
+                .filter(|is| {
+                    wanted(
+                        &is.metadata.namespace,
+                        &is.metadata.labels,
+                        namespaces,
+                        selector,
+                    )
+                })
+                .map(ImageStream::key)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kept(&["a".into()], Some("app=web")), ["a/one"]);
+        assert_eq!(kept(&[], Some("app!=web")), ["a/two"]);
+        assert_eq!(kept(&[], None).len(), 3);
     }
 
     #[test]
