@@ -608,7 +608,7 @@ impl Writeback {
     }
 
     /// After the fsync: the rest of the file leaves the cache too.
-    fn finish(&mut self, file: &File) {
+    fn finish(&self, file: &File) {
         use std::os::fd::AsRawFd;
         // SAFETY: a plain system call on an open descriptor.
         unsafe {
