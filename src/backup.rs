@@ -575,6 +575,18 @@ pub fn summarize(plan: &Plan, report: &mut Report, dry_run: bool) {
     }
 }
 
+/// The shared copy of `s` in `table`.
+fn intern(table: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
+    match table.get(s) {
+        Some(a) => a.clone(),
+        None => {
+            let a: Arc<str> = s.into();
+            table.insert(a.clone());
+            a
+        }
+    }
+}
+
 /// Builds the new index from the previous one and this run's results.
 fn merge_index(
     layout: &Layout,
@@ -594,6 +606,8 @@ fn merge_index(
     // through a shared borrow, with keys borrowed from the file).
     let mut current: HashSet<(&str, &str, &str, &Digest)> = HashSet::new();
     let mut next_position: HashMap<(&str, &str, &str), Cell<usize>> = HashMap::new();
+    // One allocation per media type, not per entry.
+    let mut media_types: HashSet<Arc<str>> = HashSet::new();
     let all_refs = plan.refs().chain(plan.external_skipped.iter());
     for r in all_refs {
         let np = next_position
@@ -601,12 +615,12 @@ fn merge_index(
             .or_insert(Cell::new(1));
         np.set(np.get().max(r.position + 1));
         let meta = match plan.known.get(&r.digest) {
-            Some((media_type, size)) => Some((media_type.to_string(), size)),
+            Some((media_type, size)) => Some((intern(&mut media_types, media_type), size)),
             None if layout.has_blob(&r.digest) => {
                 let bytes = layout.read_small_blob(&r.digest)?;
                 manifest::parse(&r.digest, &bytes, None)
                     .ok()
-                    .map(|p| (p.media_type, bytes.len() as u64))
+                    .map(|p| (intern(&mut media_types, &p.media_type), bytes.len() as u64))
             }
             None => None,
         };
@@ -615,15 +629,16 @@ fn merge_index(
         };
         current.insert((&r.namespace, &r.stream, &r.tag, &r.digest));
         entries.push(Entry {
-            namespace: r.namespace.to_string(),
-            stream: r.stream.to_string(),
-            tag: r.tag.to_string(),
+            namespace: r.namespace.clone(),
+            stream: r.stream.clone(),
+            tag: r.tag.clone(),
             position: r.position,
             digest: r.digest.clone(),
             media_type,
             size,
-            created: r.created.to_string(),
-            reference: r.docker_image_reference().into_owned(),
+            created: r.created.clone(),
+            // Boxed: no spare capacity of the formatted string is kept.
+            reference: r.docker_image_reference().into(),
         });
     }
     // Tags whose new image failed: nothing of theirs is pruned this run.

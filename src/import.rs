@@ -13,6 +13,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::io::{self, Read};
 use std::rc::Rc;
 use std::time::Instant;
@@ -711,7 +712,7 @@ fn merge_tag(existing: Vec<Entry>, incoming: Vec<Entry>) -> Vec<Entry> {
 
 /// Merges the entries of two indexes tag by tag ([`merge_tag`]).
 fn merge_entries(existing: Vec<Entry>, incoming: Vec<Entry>) -> Vec<Entry> {
-    type Tag = (String, String, String);
+    type Tag = (Arc<str>, Arc<str>, Arc<str>);
     let mut tags: BTreeMap<Tag, (Vec<Entry>, Vec<Entry>)> = BTreeMap::new();
     let key = |e: &Entry| (e.namespace.clone(), e.stream.clone(), e.tag.clone());
     for e in existing {
@@ -978,8 +979,8 @@ mod tests {
                     digest: Digest::of(m),
                     media_type: crate::manifest::OCI_MANIFEST.into(),
                     size: m.len() as u64,
-                    created: String::new(),
-                    reference: String::new(),
+                    created: Default::default(),
+                    reference: Default::default(),
                 })
                 .collect(),
             ..Default::default()
@@ -1060,15 +1061,15 @@ mod tests {
             digest: Digest::of(image.as_bytes()),
             media_type: crate::manifest::OCI_MANIFEST.into(),
             size: 1,
-            created: format!("created {image}"),
-            reference: String::new(),
+            created: format!("created {image}").into(),
+            reference: Default::default(),
         }
     }
 
     fn history(entries: &[Entry], tag: &str) -> Vec<(usize, Digest)> {
         entries
             .iter()
-            .filter(|e| e.tag == tag)
+            .filter(|e| *e.tag == *tag)
             .map(|e| (e.position, e.digest.clone()))
             .collect()
     }

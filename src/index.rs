@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use crate::digest::Digest;
 use crate::jsonfile::{self, JsonFile};
@@ -34,25 +35,30 @@ pub const ANN_IMAGESTREAMS: &str = "io.imagestream-archiver.imagestreams";
 
 /// One archived tag event.
 #[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Names are shared (a backup's entries share them with its ImageStream
+/// records, one allocation per stream and tag): an index of a million
+/// entries is held in about 150 bytes each plus the two strings of the
+/// event.
 pub struct Entry {
     /// Namespace of the stream.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Name of the stream.
-    pub stream: String,
+    pub stream: Arc<str>,
     /// Tag name.
-    pub tag: String,
+    pub tag: Arc<str>,
     /// 0 for the current image, 1.. for history (newest first).
     pub position: usize,
     /// The manifest (or index) digest.
     pub digest: Digest,
     /// The manifest's media type.
-    pub media_type: String,
+    pub media_type: Arc<str>,
     /// The manifest's size in bytes.
     pub size: u64,
     /// The tag event's `created`.
-    pub created: String,
+    pub created: Box<str>,
     /// The tag event's `dockerImageReference`.
-    pub reference: String,
+    pub reference: Box<str>,
 }
 
 impl Entry {
@@ -175,14 +181,14 @@ impl DescriptorIn<'_> {
     fn into_entry(self) -> Entry {
         let a = self.annotations;
         Entry {
-            namespace: a.namespace.unwrap_or_default().into_owned(),
-            stream: a.stream.into_owned(),
-            tag: a.tag.into_owned(),
+            namespace: a.namespace.unwrap_or_default().into(),
+            stream: a.stream.into(),
+            tag: a.tag.into(),
             position: a.position.parse().unwrap_or_default(),
-            created: a.created.into_owned(),
-            reference: a.reference.into_owned(),
+            created: a.created.into(),
+            reference: a.reference.into(),
             digest: self.digest,
-            media_type: self.media_type.into_owned(),
+            media_type: self.media_type.into(),
             size: self.size,
         }
     }
@@ -212,7 +218,7 @@ struct AnnotationsOut<'a> {
     )]
     reference: &'a str,
     #[serde(rename = "io.imagestream-archiver.history-index")]
-    position: String,
+    position: Text<usize>,
     #[serde(rename = "io.imagestream-archiver.imagestream")]
     stream: &'a str,
     #[serde(rename = "io.imagestream-archiver.namespace")]
@@ -223,7 +229,54 @@ struct AnnotationsOut<'a> {
         rename = "org.opencontainers.image.ref.name",
         skip_serializing_if = "Option::is_none"
     )]
-    ref_name: Option<String>,
+    ref_name: Option<RefName<'a>>,
+}
+
+/// A value written as the JSON string of its `Display` form, without an
+/// allocation.
+struct Text<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Text<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// `ns/name:tag` of an entry, written without an allocation.
+struct RefName<'a>(&'a Entry);
+
+impl Serialize for RefName<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        s.collect_str(&format_args!("{}/{}:{}", e.namespace, e.stream, e.tag))
+    }
+}
+
+/// The `manifests` array, built descriptor by descriptor as it is written:
+/// an index of a million entries is never a second time in memory.
+struct ManifestsOut<'a>(&'a ArchiveIndex);
+
+impl Serialize for ManifestsOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let index = self.0;
+        let ours = index.entries.iter().map(|e| {
+            ManifestOut::Ours(DescriptorOut {
+                annotations: AnnotationsOut {
+                    created: &e.created,
+                    reference: &e.reference,
+                    position: Text(e.position),
+                    stream: &e.stream,
+                    namespace: &e.namespace,
+                    tag: &e.tag,
+                    ref_name: (e.position == 0).then_some(RefName(e)),
+                },
+                digest: &e.digest,
+                media_type: &e.media_type,
+                size: e.size,
+            })
+        });
+        s.collect_seq(ours.chain(index.foreign.iter().map(ManifestOut::Foreign)))
+    }
 }
 
 #[derive(Serialize)]
@@ -239,7 +292,7 @@ struct RawIndexOut<'a> {
     schema_version: u32,
     #[serde(rename = "mediaType")]
     media_type: &'static str,
-    manifests: Vec<ManifestOut<'a>>,
+    manifests: ManifestsOut<'a>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     annotations: BTreeMap<&'static str, String>,
 }
@@ -418,27 +471,6 @@ impl ArchiveIndex {
     /// Writes what [`ArchiveIndex::to_json`] returns, without holding it
     /// in memory.
     pub fn write_json(&self, w: impl std::io::Write) -> std::io::Result<()> {
-        let mut manifests: Vec<ManifestOut> = self
-            .entries
-            .iter()
-            .map(|e| {
-                ManifestOut::Ours(DescriptorOut {
-                    annotations: AnnotationsOut {
-                        created: &e.created,
-                        reference: &e.reference,
-                        position: e.position.to_string(),
-                        stream: &e.stream,
-                        namespace: &e.namespace,
-                        tag: &e.tag,
-                        ref_name: (e.position == 0).then(|| e.ref_name()),
-                    },
-                    digest: &e.digest,
-                    media_type: &e.media_type,
-                    size: e.size,
-                })
-            })
-            .collect();
-        manifests.extend(self.foreign.iter().map(ManifestOut::Foreign));
         let mut annotations = BTreeMap::new();
         if let Some(d) = &self.imagestreams {
             annotations.insert(ANN_IMAGESTREAMS, d.to_string());
@@ -446,7 +478,7 @@ impl ArchiveIndex {
         let raw = RawIndexOut {
             schema_version: 2,
             media_type: crate::manifest::OCI_INDEX,
-            manifests,
+            manifests: ManifestsOut(self),
             annotations,
         };
         let mut w = w;
@@ -477,7 +509,7 @@ impl ArchiveIndex {
         for e in &self.entries {
             out.entry(e.stream_key())
                 .or_default()
-                .entry(e.tag.clone())
+                .entry(e.tag.to_string())
                 .or_default()
                 .push(e);
         }
@@ -552,7 +584,7 @@ mod tests {
             media_type: crate::manifest::OCI_MANIFEST.into(),
             size: data.len() as u64,
             created: "2026-01-01T00:00:00Z".into(),
-            reference: format!("reg/ns/app@{}", Digest::of(data)),
+            reference: format!("reg/ns/app@{}", Digest::of(data)).into(),
         }
     }
 

@@ -65,11 +65,11 @@ pub fn list(layout: &Layout) -> Result<Listing, LayoutError> {
         let blobs = per_stream_blobs.entry(key.clone()).or_default();
         let s = out
             .namespaces
-            .entry(e.namespace.clone())
+            .entry(e.namespace.to_string())
             .or_default()
-            .entry(e.stream.clone())
+            .entry(e.stream.to_string())
             .or_default();
-        *s.tags.entry(e.tag.clone()).or_default() += 1;
+        *s.tags.entry(e.tag.to_string()).or_default() += 1;
         if per_stream_images
             .entry(key)
             .or_default()

@@ -93,9 +93,9 @@ pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> (Vec<Unit>, Vec
     };
     // Unmapped namespaces claim their own names first.
     let mut ordered: Vec<&Entry> = entries.iter().collect();
-    ordered.sort_by_key(|e| opts.map_namespaces.contains_key(&e.namespace));
+    ordered.sort_by_key(|e| opts.map_namespaces.contains_key(&*e.namespace));
     for e in ordered {
-        if !opts.namespaces.is_empty() && !opts.namespaces.contains(&e.namespace) {
+        if !opts.namespaces.is_empty() && !opts.namespaces.iter().any(|n| **n == *e.namespace) {
             continue;
         }
         if !opts.imagestreams.is_empty() && !opts.imagestreams.contains(&e.stream_key()) {
@@ -103,9 +103,9 @@ pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> (Vec<Unit>, Vec
         }
         let ns = target(&e.namespace);
         let source = source_of
-            .entry((ns.clone(), e.stream.clone()))
-            .or_insert_with(|| e.namespace.clone());
-        if *source != e.namespace {
+            .entry((ns.clone(), e.stream.to_string()))
+            .or_insert_with(|| e.namespace.to_string());
+        if **source != *e.namespace {
             problems.insert(format!(
                 "{} is not restored: --map-namespace would put it on {ns}/{}, which {}/{} restores",
                 e.stream_key(),
@@ -116,7 +116,7 @@ pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> (Vec<Unit>, Vec
             continue;
         }
         by_tag
-            .entry((ns, e.stream.clone(), e.tag.clone()))
+            .entry((ns, e.stream.to_string(), e.tag.to_string()))
             .or_default()
             .push(e.clone());
     }
@@ -592,8 +592,8 @@ mod tests {
             digest: Digest::of(ns.as_bytes()),
             media_type: crate::manifest::OCI_MANIFEST.into(),
             size: 1,
-            created: String::new(),
-            reference: String::new(),
+            created: Default::default(),
+            reference: Default::default(),
         };
         let entries = vec![e("a", 0), e("b", 0), e("c", 0)];
         let opts = RestoreOptions {
@@ -610,7 +610,7 @@ mod tests {
                 .unwrap()
                 .events[0]
                 .namespace,
-            "b"
+            "b".into()
         );
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("a/app"), "{problems:?}");
