@@ -599,7 +599,9 @@ fn merge_index(
         .iter()
         .map(|is| (&*is.namespace, &*is.name))
         .collect();
-    let mut entries: Vec<Entry> = Vec::new();
+    // Sized once: a vector grown by doubling holds up to twice its entries.
+    let mut entries: Vec<Entry> =
+        Vec::with_capacity(plan.refs().count() + plan.external_skipped.len());
     // Current tag events that are archived, and each tag's next free
     // history position (keys borrow from this run's refs; positions are
     // cells so that the reader of the committed index below can count
@@ -685,6 +687,7 @@ fn merge_index(
         })
     })?;
     drop((current, next_position, failed_tags, discovered, gone));
+    entries.reserve_exact(previous.entries.len());
     entries.extend(previous.entries);
     // The ImageStream objects: this run's replace earlier ones (kept as
     // archived, unparsed).

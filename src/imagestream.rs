@@ -194,7 +194,16 @@ impl ImageRef {
     pub fn docker_image_reference(&self) -> std::borrow::Cow<'_, str> {
         match &self.other_reference {
             Some(r) => std::borrow::Cow::Borrowed(r),
-            None => std::borrow::Cow::Owned(format!("{}@{}", self.repository, self.digest)),
+            None => {
+                // Sized exactly (`format!` leaves spare capacity, which a
+                // backup holding one per tag event would keep).
+                let digest = self.digest.to_string();
+                let mut s = String::with_capacity(self.repository.len() + 1 + digest.len());
+                s.push_str(&self.repository);
+                s.push('@');
+                s.push_str(&digest);
+                std::borrow::Cow::Owned(s)
+            }
         }
     }
 }

@@ -455,7 +455,19 @@ impl ArchiveIndex {
             .entries
             .is_sorted_by(|a, b| a.sort_key() <= b.sort_key())
         {
-            self.entries.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+            // A stable sort of the entries themselves would allocate room
+            // for half of them; their order is found on 4-byte indices
+            // (stable: of equal keys the first stays first) and applied
+            // in place.
+            let entries = &mut self.entries;
+            let mut order: Vec<u32> = (0..u32::try_from(entries.len()).expect("index size"))
+                .collect();
+            order.sort_by(|&a, &b| {
+                entries[a as usize]
+                    .sort_key()
+                    .cmp(&entries[b as usize].sort_key())
+            });
+            permute(entries, &mut order);
         }
         self.entries.dedup_by(|a, b| a.sort_key() == b.sort_key());
     }
@@ -514,6 +526,25 @@ impl ArchiveIndex {
                 .push(e);
         }
         out
+    }
+}
+
+/// Reorders `items` so that the item at `i` is the one that was at
+/// `order[i]`, following each cycle of the permutation with swaps (`order`
+/// is used up).
+fn permute<T>(items: &mut [T], order: &mut [u32]) {
+    const DONE: u32 = u32::MAX;
+    for start in 0..order.len() {
+        let mut at = start;
+        while order[at] != DONE {
+            let from = order[at] as usize;
+            order[at] = DONE;
+            if from == start {
+                break;
+            }
+            items.swap(at, from);
+            at = from;
+        }
     }
 }
 
@@ -586,6 +617,44 @@ mod tests {
             created: "2026-01-01T00:00:00Z".into(),
             reference: format!("reg/ns/app@{}", Digest::of(data)).into(),
         }
+    }
+
+    #[test]
+    fn permute_applies_an_order_in_place() {
+        let mut items = vec!['a', 'b', 'c', 'd', 'e', 'f'];
+        // Two cycles (0 2 4) and (1 5), one fixed point.
+        let mut order = vec![2, 5, 4, 3, 0, 1];
+        permute(&mut items, &mut order);
+        assert_eq!(items, vec!['c', 'f', 'e', 'd', 'a', 'b']);
+        let mut none: Vec<char> = Vec::new();
+        permute(&mut none, &mut []);
+    }
+
+    #[test]
+    fn sort_keeps_the_first_of_equal_entries() {
+        let mut idx = ArchiveIndex::default();
+        for (tag, position, data) in [
+            ("b", 1, b"x1".as_slice()),
+            ("a", 0, b"first"),
+            ("b", 0, b"x0"),
+            ("a", 0, b"second"),
+        ] {
+            idx.entries.push(entry(tag, position, data));
+        }
+        idx.sort();
+        let got: Vec<(&str, usize, Digest)> = idx
+            .entries
+            .iter()
+            .map(|e| (&*e.tag, e.position, e.digest.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", 0, Digest::of(b"first")),
+                ("b", 0, Digest::of(b"x0")),
+                ("b", 1, Digest::of(b"x1")),
+            ]
+        );
     }
 
     #[test]
