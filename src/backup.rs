@@ -639,8 +639,7 @@ fn merge_index(
             media_type,
             size,
             created: r.created.clone(),
-            // Boxed: no spare capacity of the formatted string is kept.
-            reference: r.docker_image_reference().into(),
+            reference: r.index_reference(),
         });
     }
     // Tags whose new image failed: nothing of theirs is pruned this run.

@@ -190,20 +190,19 @@ impl ImageRef {
         }
     }
 
+    /// The tag event's `dockerImageReference`, as an index entry holds it.
+    pub fn index_reference(&self) -> crate::index::Reference {
+        match &self.other_reference {
+            Some(r) => crate::index::Reference::Text(r.clone()),
+            None => crate::index::Reference::At(self.repository.clone()),
+        }
+    }
+
     /// The tag event's `dockerImageReference`.
     pub fn docker_image_reference(&self) -> std::borrow::Cow<'_, str> {
         match &self.other_reference {
             Some(r) => std::borrow::Cow::Borrowed(r),
-            None => {
-                // Sized exactly (`format!` leaves spare capacity, which a
-                // backup holding one per tag event would keep).
-                let digest = self.digest.to_string();
-                let mut s = String::with_capacity(self.repository.len() + 1 + digest.len());
-                s.push_str(&self.repository);
-                s.push('@');
-                s.push_str(&digest);
-                std::borrow::Cow::Owned(s)
-            }
+            None => std::borrow::Cow::Owned(format!("{}@{}", self.repository, self.digest)),
         }
     }
 }

@@ -34,12 +34,12 @@ pub const ANN_REFERENCE: &str = "io.imagestream-archiver.docker-image-reference"
 pub const ANN_IMAGESTREAMS: &str = "io.imagestream-archiver.imagestreams";
 
 /// One archived tag event.
-#[derive(Debug, Clone, PartialEq, Eq)]
 ///
 /// Names are shared (a backup's entries share them with its ImageStream
-/// records, one allocation per stream and tag): an index of a million
-/// entries is held in about 150 bytes each plus the two strings of the
-/// event.
+/// records, one allocation per stream and tag), and so is the repository of
+/// a `dockerImageReference` that is `<repository>@<digest>`: an index of a
+/// million entries is held in about 150 bytes each plus its `created`.
+#[derive(Debug, Clone)]
 pub struct Entry {
     /// Namespace of the stream.
     pub namespace: Arc<str>,
@@ -58,13 +58,59 @@ pub struct Entry {
     /// The tag event's `created`.
     pub created: Box<str>,
     /// The tag event's `dockerImageReference`.
-    pub reference: Box<str>,
+    pub reference: Reference,
 }
+
+/// A tag event's `dockerImageReference`.
+#[derive(Debug, Clone)]
+pub enum Reference {
+    /// `<repository>@<digest>` with the entry's digest, which is what the
+    /// registry records for a pushed image: only the stream's repository is
+    /// held, shared by its entries.
+    At(Arc<str>),
+    /// Any other text (empty when the event had none).
+    Text(Box<str>),
+}
+
+impl From<&str> for Reference {
+    fn from(s: &str) -> Self {
+        Reference::Text(s.into())
+    }
+}
+
+impl Default for Reference {
+    fn default() -> Self {
+        Reference::Text(Box::default())
+    }
+}
+
+/// Entries are equal when they read the same: an `At` reference equals the
+/// text it stands for.
+impl PartialEq for Entry {
+    fn eq(&self, o: &Self) -> bool {
+        self.sort_key() == o.sort_key()
+            && self.digest == o.digest
+            && self.media_type == o.media_type
+            && self.size == o.size
+            && self.created == o.created
+            && self.reference() == o.reference()
+    }
+}
+
+impl Eq for Entry {}
 
 impl Entry {
     /// `ns/name:tag`, the ref name of a current tag.
     pub fn ref_name(&self) -> String {
         format!("{}/{}:{}", self.namespace, self.stream, self.tag)
+    }
+
+    /// The tag event's `dockerImageReference`.
+    pub fn reference(&self) -> Cow<'_, str> {
+        match &self.reference {
+            Reference::At(repository) => Cow::Owned(format!("{repository}@{}", self.digest)),
+            Reference::Text(t) => Cow::Borrowed(t),
+        }
     }
 
     /// `ns/name`.
@@ -186,7 +232,7 @@ impl DescriptorIn<'_> {
             tag: a.tag.into(),
             position: a.position.parse().unwrap_or_default(),
             created: a.created.into(),
-            reference: a.reference.into(),
+            reference: Reference::Text(a.reference.into()),
             digest: self.digest,
             media_type: self.media_type.into(),
             size: self.size,
@@ -214,9 +260,9 @@ struct AnnotationsOut<'a> {
     created: &'a str,
     #[serde(
         rename = "io.imagestream-archiver.docker-image-reference",
-        skip_serializing_if = "str::is_empty"
+        skip_serializing_if = "ReferenceOut::is_empty"
     )]
-    reference: &'a str,
+    reference: ReferenceOut<'a>,
     #[serde(rename = "io.imagestream-archiver.history-index")]
     position: Text<usize>,
     #[serde(rename = "io.imagestream-archiver.imagestream")]
@@ -242,6 +288,26 @@ impl<T: std::fmt::Display> Serialize for Text<T> {
     }
 }
 
+/// The `dockerImageReference` of an entry, written without an allocation.
+struct ReferenceOut<'a>(&'a Entry);
+
+impl ReferenceOut<'_> {
+    fn is_empty(&self) -> bool {
+        matches!(&self.0.reference, Reference::Text(t) if t.is_empty())
+    }
+}
+
+impl Serialize for ReferenceOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0.reference {
+            Reference::At(repository) => {
+                s.collect_str(&format_args!("{repository}@{}", self.0.digest))
+            }
+            Reference::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
 /// `ns/name:tag` of an entry, written without an allocation.
 struct RefName<'a>(&'a Entry);
 
@@ -263,7 +329,7 @@ impl Serialize for ManifestsOut<'_> {
             ManifestOut::Ours(DescriptorOut {
                 annotations: AnnotationsOut {
                     created: &e.created,
-                    reference: &e.reference,
+                    reference: ReferenceOut(e),
                     position: Text(e.position),
                     stream: &e.stream,
                     namespace: &e.namespace,
@@ -615,7 +681,7 @@ mod tests {
             media_type: crate::manifest::OCI_MANIFEST.into(),
             size: data.len() as u64,
             created: "2026-01-01T00:00:00Z".into(),
-            reference: format!("reg/ns/app@{}", Digest::of(data)).into(),
+            reference: Reference::At("reg/ns/app".into()),
         }
     }
 
