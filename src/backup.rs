@@ -689,9 +689,7 @@ fn merge_index(
         }
         // Gone from the stream: keep it as the oldest history.
         Some(match state {
-            Some(t) => t
-                .next_position
-                .replace(t.next_position.get() + 1),
+            Some(t) => t.next_position.replace(t.next_position.get() + 1),
             None => {
                 let np = gone
                     .entry((ns.to_string(), stream.to_string(), tag.to_string()))

@@ -820,7 +820,8 @@ mod tests {
     fn item_without_kind_is_an_imagestream() {
         let item = |v: Value| item_to_record(&v.to_string(), true);
         let record = item(json!({"metadata": {"name": "n", "namespace": "ns"}})).unwrap();
-        let is: ImageStream = serde_json::from_str(&record.object.unwrap().json().unwrap()).unwrap();
+        let is: ImageStream =
+            serde_json::from_str(&record.object.unwrap().json().unwrap()).unwrap();
         assert_eq!(is.kind, "ImageStream");
         let (ns, reason) =
             item(json!({"metadata": {"name": "n", "namespace": "ns"}, "status": {"tags": 3}}))

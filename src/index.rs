@@ -72,12 +72,6 @@ pub enum Reference {
     Text(Box<str>),
 }
 
-impl From<&str> for Reference {
-    fn from(s: &str) -> Self {
-        Reference::Text(s.into())
-    }
-}
-
 impl Default for Reference {
     fn default() -> Self {
         Reference::Text(Box::default())
@@ -526,8 +520,8 @@ impl ArchiveIndex {
             // (stable: of equal keys the first stays first) and applied
             // in place.
             let entries = &mut self.entries;
-            let mut order: Vec<u32> = (0..u32::try_from(entries.len()).expect("index size"))
-                .collect();
+            let mut order: Vec<u32> =
+                (0..u32::try_from(entries.len()).expect("index size")).collect();
             order.sort_by(|&a, &b| {
                 entries[a as usize]
                     .sort_key()
