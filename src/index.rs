@@ -218,17 +218,26 @@ impl DescriptorIn<'_> {
         }
     }
 
-    fn into_entry(self) -> Entry {
+    /// The entry, owned. Names and media type equal to those of `prev`
+    /// (the entry read before it: in a sorted index, mostly the same
+    /// stream and tag) are shared with it instead of allocated again.
+    fn into_entry(self, prev: Option<&Entry>) -> Entry {
+        fn share(s: Cow<'_, str>, prev: Option<&Arc<str>>) -> Arc<str> {
+            match prev {
+                Some(p) if **p == *s => p.clone(),
+                _ => s.into(),
+            }
+        }
         let a = self.annotations;
         Entry {
-            namespace: a.namespace.unwrap_or_default().into(),
-            stream: a.stream.into(),
-            tag: a.tag.into(),
+            namespace: share(a.namespace.unwrap_or_default(), prev.map(|p| &p.namespace)),
+            stream: share(a.stream, prev.map(|p| &p.stream)),
+            tag: share(a.tag, prev.map(|p| &p.tag)),
             position: a.position.parse().unwrap_or_default(),
             created: a.created.into(),
             reference: Reference::Text(a.reference.into()),
             digest: self.digest,
-            media_type: self.media_type.into(),
+            media_type: share(self.media_type, prev.map(|p| &p.media_type)),
             size: self.size,
         }
     }
@@ -489,7 +498,7 @@ impl ArchiveIndex {
             match DescriptorIn::read(i, text, &ours)? {
                 Some(d) => {
                     if let Some(position) = keep(&d.entry_ref()) {
-                        let mut entry = d.into_entry();
+                        let mut entry = d.into_entry(index.entries.last());
                         entry.position = position;
                         index.entries.push(entry);
                     }
@@ -677,6 +686,24 @@ mod tests {
             created: "2026-01-01T00:00:00Z".into(),
             reference: Reference::At("reg/ns/app".into()),
         }
+    }
+
+    #[test]
+    fn entries_read_share_the_names_of_the_entry_before() {
+        let mut idx = ArchiveIndex::default();
+        idx.entries.extend([
+            entry("a", 0, b"1"),
+            entry("a", 1, b"2"),
+            entry("b", 0, b"3"),
+        ]);
+        let back = ArchiveIndex::from_json(&idx.to_json()).unwrap();
+        assert_eq!(back.entries, idx.entries);
+        let [x, y, z] = &back.entries[..] else {
+            panic!("three entries")
+        };
+        assert!(Arc::ptr_eq(&x.namespace, &y.namespace) && Arc::ptr_eq(&y.namespace, &z.namespace));
+        assert!(Arc::ptr_eq(&x.tag, &y.tag) && !Arc::ptr_eq(&y.tag, &z.tag));
+        assert!(Arc::ptr_eq(&x.media_type, &z.media_type));
     }
 
     #[test]
