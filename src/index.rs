@@ -96,13 +96,13 @@ impl Eq for Entry {}
 impl Entry {
     /// `ns/name:tag`, the ref name of a current tag.
     pub fn ref_name(&self) -> String {
-        format!("{}/{}:{}", self.namespace, self.stream, self.tag)
+        RefName(self).to_string()
     }
 
     /// The tag event's `dockerImageReference`.
     pub fn reference(&self) -> Cow<'_, str> {
         match &self.reference {
-            Reference::At(repository) => Cow::Owned(format!("{repository}@{}", self.digest)),
+            Reference::At(_) => Cow::Owned(ReferenceOut(self).to_string()),
             Reference::Text(t) => Cow::Borrowed(t),
         }
     }
@@ -265,7 +265,7 @@ struct AnnotationsOut<'a> {
         rename = "io.imagestream-archiver.docker-image-reference",
         skip_serializing_if = "ReferenceOut::is_empty"
     )]
-    reference: ReferenceOut<'a>,
+    reference: Text<ReferenceOut<'a>>,
     #[serde(rename = "io.imagestream-archiver.history-index")]
     position: Text<usize>,
     #[serde(rename = "io.imagestream-archiver.imagestream")]
@@ -278,7 +278,7 @@ struct AnnotationsOut<'a> {
         rename = "org.opencontainers.image.ref.name",
         skip_serializing_if = "Option::is_none"
     )]
-    ref_name: Option<RefName<'a>>,
+    ref_name: Option<Text<RefName<'a>>>,
 }
 
 /// A value written as the JSON string of its `Display` form, without an
@@ -291,33 +291,32 @@ impl<T: std::fmt::Display> Serialize for Text<T> {
     }
 }
 
-/// The `dockerImageReference` of an entry, written without an allocation.
+/// The `dockerImageReference` of an entry, rendered where it is shown
+/// or written.
 struct ReferenceOut<'a>(&'a Entry);
 
 impl ReferenceOut<'_> {
-    fn is_empty(&self) -> bool {
-        matches!(&self.0.reference, Reference::Text(t) if t.is_empty())
+    fn is_empty(r: &Text<Self>) -> bool {
+        matches!(&r.0 .0.reference, Reference::Text(t) if t.is_empty())
     }
 }
 
-impl Serialize for ReferenceOut<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl std::fmt::Display for ReferenceOut<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0.reference {
-            Reference::At(repository) => {
-                s.collect_str(&format_args!("{repository}@{}", self.0.digest))
-            }
-            Reference::Text(t) => s.serialize_str(t),
+            Reference::At(repository) => write!(f, "{repository}@{}", self.0.digest),
+            Reference::Text(t) => f.write_str(t),
         }
     }
 }
 
-/// `ns/name:tag` of an entry, written without an allocation.
+/// `ns/name:tag` of an entry.
 struct RefName<'a>(&'a Entry);
 
-impl Serialize for RefName<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl std::fmt::Display for RefName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let e = self.0;
-        s.collect_str(&format_args!("{}/{}:{}", e.namespace, e.stream, e.tag))
+        write!(f, "{}/{}:{}", e.namespace, e.stream, e.tag)
     }
 }
 
@@ -332,12 +331,12 @@ impl Serialize for ManifestsOut<'_> {
             ManifestOut::Ours(DescriptorOut {
                 annotations: AnnotationsOut {
                     created: &e.created,
-                    reference: ReferenceOut(e),
+                    reference: Text(ReferenceOut(e)),
                     position: Text(e.position),
                     stream: &e.stream,
                     namespace: &e.namespace,
                     tag: &e.tag,
-                    ref_name: (e.position == 0).then_some(RefName(e)),
+                    ref_name: (e.position == 0).then_some(Text(RefName(e))),
                 },
                 digest: &e.digest,
                 media_type: &e.media_type,
