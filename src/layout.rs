@@ -298,6 +298,7 @@ impl Layout {
             expected_size,
             hasher: Sha256::new(),
             written: 0,
+            failed: false,
             suspect: self.suspect.clone(),
         })
     }
@@ -731,6 +732,9 @@ impl Sink {
     fn buffer_from_now_on(&mut self) -> io::Result<()> {
         set_direct(&self.file, false)?;
         self.direct = false;
+        // What was written directly is on the device, not in the cache.
+        self.writeback.started = self.handed;
+        self.writeback.dropped = self.handed;
         Ok(())
     }
 
@@ -750,9 +754,9 @@ impl Sink {
 /// far slower than their own write-back caching, so blobs go through the
 /// page cache there.
 fn direct_io_pays(dir: &Path) -> bool {
-    const EXT: i64 = 0xEF53;
-    const XFS: i64 = 0x5846_5342;
-    const BTRFS: i64 = 0x9123_683E;
+    const EXT: u32 = 0xEF53;
+    const XFS: u32 = 0x5846_5342;
+    const BTRFS: u32 = 0x9123_683E;
     use std::os::unix::ffi::OsStrExt;
     let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return false;
@@ -764,9 +768,10 @@ fn direct_io_pays(dir: &Path) -> bool {
     }
     // SAFETY: initialised by the successful call above.
     let st = unsafe { st.assume_init() };
-    // f_type is i64 on x86_64 and arm64 but u32 on s390x.
+    // The magic numbers are 32-bit; f_type is i64 on x86_64 and arm64,
+    // u32 on s390x, i32 on 32-bit targets (where btrfs' is negative).
     #[allow(clippy::unnecessary_cast)]
-    let kind = st.f_type as i64;
+    let kind = st.f_type as u32;
     matches!(kind, EXT | XFS | BTRFS)
 }
 
@@ -809,6 +814,8 @@ pub struct BlobWriter {
     expected_size: Option<u64>,
     hasher: Sha256,
     written: u64,
+    /// A write to the file failed.
+    failed: bool,
     suspect: Arc<Mutex<HashSet<Digest>>>,
 }
 
@@ -824,9 +831,22 @@ impl BlobWriter {
                 });
             }
         }
+        if self.failed {
+            return Err(self.earlier_failure());
+        }
         self.hasher.update(data);
         let file = self.file.as_mut().expect("writer used after finish");
-        file.write(data).map_err(io_err("write", &self.tmp))
+        file.write(data).map_err(|e| {
+            // Hashed but maybe not written: this writer can finish no more.
+            self.failed = true;
+            io_err("write", &self.tmp)(e)
+        })
+    }
+
+    fn earlier_failure(&self) -> LayoutError {
+        io_err("write", &self.tmp)(io::Error::other(
+            "an earlier write to it failed; the blob is incomplete",
+        ))
     }
 
     /// True when `len` more bytes go into the write buffer without a
@@ -852,6 +872,9 @@ impl BlobWriter {
     /// later [`Layout::sync_blobs`], which must run before anything that
     /// references this blob is written (a batch of downloads shares one).
     pub fn finish_deferring_dir_sync(mut self) -> Result<(), LayoutError> {
+        if self.failed {
+            return Err(self.earlier_failure());
+        }
         if let Some(size) = self.expected_size {
             if self.written != size {
                 return Err(LayoutError::Mismatch {
@@ -1001,6 +1024,28 @@ mod tests {
         }
         // On ext4, XFS or btrfs, O_DIRECT was used.
         assert_eq!(direct_seen, direct_io_pays(dir.path()));
+    }
+
+    #[test]
+    fn a_writer_whose_write_failed_cannot_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path(), Access::Write).unwrap();
+        let data = vec![7u8; SINK_BUFFER + 10];
+        let d = Digest::of(&data);
+        let mut w = layout.blob_writer(&d, Some(data.len() as u64)).unwrap();
+        // A descriptor that refuses writes stands in for a failing disk.
+        let ro = File::open(&w.tmp).unwrap();
+        w.file = Some(Sink::new(ro, false));
+        assert!(w.write(&data[..SINK_BUFFER]).is_err());
+        // The rest would make size and digest match: still refused.
+        assert!(w.write(&data[SINK_BUFFER..]).is_err());
+        let e = w.finish().unwrap_err().to_string();
+        assert!(e.contains("write"), "{e}");
+        assert!(!layout.has_blob(&d));
+        assert_eq!(
+            fs::read_dir(dir.path().join(INGEST_DIR)).unwrap().count(),
+            0
+        );
     }
 
     #[test]
