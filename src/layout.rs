@@ -560,10 +560,9 @@ impl Write for SameAs<'_> {
 }
 
 /// Keeps a blob written through the page cache (see [`Sink`]) from filling
-/// it: every
-/// [`WRITEBACK_WINDOW`] bytes handed to the kernel, writeback of them is
-/// started, and the window before it, written back by then, is dropped from
-/// the cache. A backup streams far more than it reads again: this way each
+/// it: every [`WRITEBACK_WINDOW`] bytes handed to the kernel, writeback of
+/// them is started, and the window before it, written back by then, is
+/// dropped from the cache. A backup streams far more than it reads again: this way each
 /// transfer holds at most two windows of cached pages (not the whole blob,
 /// charged to the Job's memory cgroup), the same freed pages are reused
 /// instead of fresh ones, and the final fsync has little left to flush.
