@@ -634,11 +634,11 @@ const SINK_BUFFER: usize = 1 << 20;
 const DIRECT_ALIGN: usize = 4096;
 
 /// The temp file of a blob being written, behind a buffer of
-/// [`SINK_BUFFER`] bytes. On a local block filesystem
-/// ([`direct_io_pays`]) the file is written with O_DIRECT: the bytes go from the buffer to the device
-/// without the page cache (a backup streams far more than it reads again):
-/// no copy into cache pages, no dirty-page accounting, no writeback and
-/// dropping afterwards (8% less CPU for a whole backup of the medium
+/// [`SINK_BUFFER`] bytes. On a local block filesystem ([`direct_io_pays`])
+/// the file is written with O_DIRECT: the bytes go from the buffer to the
+/// device without the page cache (a backup streams far more than it reads
+/// again): no copy into cache pages, no dirty-page accounting, no writeback
+/// and dropping afterwards (8% less CPU for a whole backup of the medium
 /// benchmark). Buffers go out whole and aligned; the last partial block of
 /// a blob, and everything once O_DIRECT is refused (when setting it or at
 /// a write), goes through the page cache, kept small by [`Writeback`].
