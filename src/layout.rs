@@ -562,12 +562,12 @@ impl Write for SameAs<'_> {
 /// Keeps a blob written through the page cache (see [`Sink`]) from filling
 /// it: every [`WRITEBACK_WINDOW`] bytes handed to the kernel, writeback of
 /// them is started, and the window before it, written back by then, is
-/// dropped from the cache. A backup streams far more than it reads again: this way each
-/// transfer holds at most two windows of cached pages (not the whole blob,
-/// charged to the Job's memory cgroup), the same freed pages are reused
-/// instead of fresh ones, and the final fsync has little left to flush.
-/// Only a hint to the kernel: durability still comes from that fsync, and
-/// failures are ignored.
+/// dropped from the cache. A backup streams far more than it reads again:
+/// this way each transfer holds at most two windows of cached pages (not
+/// the whole blob, charged to the Job's memory cgroup), the same freed
+/// pages are reused instead of fresh ones, and the final fsync has little
+/// left to flush. Only a hint to the kernel: durability still comes from
+/// that fsync, and failures are ignored.
 #[derive(Default)]
 struct Writeback {
     /// Bytes whose writeback has been started.
