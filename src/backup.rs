@@ -628,12 +628,17 @@ fn merge_index(
         np.set(np.get().max(r.position + 1));
         let meta = match plan.known.get(&r.digest) {
             Some((media_type, size)) => Some((intern(&mut media_types, media_type), size)),
-            None if layout.has_blob(&r.digest) => {
-                let bytes = layout.read_small_blob(&r.digest)?;
-                manifest::parse(&r.digest, &bytes, None)
+            None if layout.has_blob(&r.digest) => match layout.read_small_blob(&r.digest) {
+                Ok(bytes) => manifest::parse(&r.digest, &bytes, None)
                     .ok()
-                    .map(|p| (intern(&mut media_types, &p.media_type), bytes.len() as u64))
-            }
+                    .map(|p| (intern(&mut media_types, &p.media_type), bytes.len() as u64)),
+                // Not indexed; `verify` names it, `--repair` fetches it again.
+                Err(e @ LayoutError::Damaged { .. }) => {
+                    tracing::warn!("{e}");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             None => None,
         };
         let Some((media_type, size)) = meta else {

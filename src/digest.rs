@@ -117,6 +117,22 @@ impl Digest {
         h.finish()
     }
 
+    /// The digest of a file's content, read a megabyte at a time.
+    pub fn of_file(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(h.finish())
+    }
+
     fn text(&self) -> Text {
         let mut t = [0u8; 71];
         t[..7].copy_from_slice(b"sha256:");

@@ -77,6 +77,16 @@ pub enum LayoutError {
         /// The parse error.
         reason: String,
     },
+    /// A stored blob does not hash to its name: damaged on disk.
+    #[error("{path} is damaged: {reason}; `imagestream-archiver verify` lists every damaged blob")]
+    Damaged {
+        /// The blob.
+        digest: Digest,
+        /// Its file.
+        path: PathBuf,
+        /// What differed.
+        reason: String,
+    },
     /// A blob is larger than allowed for what it is.
     #[error("blob {digest} is {size} bytes, more than the {limit} allowed for a manifest")]
     TooLarge {
@@ -250,7 +260,9 @@ impl Layout {
         fs::metadata(self.blob_path(digest)).ok().map(|m| m.len())
     }
 
-    /// Reads a small blob (a manifest, index or config) whole.
+    /// Reads a small blob (a manifest, index or config) whole, checked
+    /// against its digest: what is pushed, parsed or walked from it is
+    /// what was archived.
     pub fn read_small_blob(&self, digest: &Digest) -> Result<Vec<u8>, LayoutError> {
         let path = self.blob_path(digest);
         let size = fs::metadata(&path).map_err(io_err("stat", &path))?.len();
@@ -261,7 +273,31 @@ impl Layout {
                 limit: MAX_MANIFEST_SIZE,
             });
         }
-        fs::read(&path).map_err(io_err("read", &path))
+        let bytes = fs::read(&path).map_err(io_err("read", &path))?;
+        let actual = Digest::of(&bytes);
+        if &actual != digest {
+            return Err(LayoutError::Damaged {
+                digest: digest.clone(),
+                path,
+                reason: format!("content hashes to {actual}"),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Re-hashes a stored blob: `Damaged` when it no longer matches its
+    /// digest (used to tell a damaged archive from a refusing registry).
+    pub fn check_blob(&self, digest: &Digest) -> Result<(), LayoutError> {
+        let path = self.blob_path(digest);
+        let actual = Digest::of_file(&path).map_err(io_err("read", &path))?;
+        if &actual != digest {
+            return Err(LayoutError::Damaged {
+                digest: digest.clone(),
+                path,
+                reason: format!("content hashes to {actual}"),
+            });
+        }
+        Ok(())
     }
 
     /// Opens a blob for streaming.

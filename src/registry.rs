@@ -534,7 +534,32 @@ impl RegistryClient {
     }
 
     /// Uploads a blob from the archive (monolithic PUT, streamed from disk).
+    /// A blob the registry refuses is re-hashed: when the archive's copy is
+    /// damaged, the error says so ([`LayoutError::Damaged`]; no re-run can
+    /// push it) instead of blaming the registry.
     pub async fn push_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        layout: &Layout,
+    ) -> Result<u64, RegistryError> {
+        match self.upload_file(repo, digest, layout).await {
+            Err(
+                e @ RegistryError::Request {
+                    permanent: true,
+                    config: false,
+                    not_found: false,
+                    ..
+                },
+            ) => match blocking(|| layout.check_blob(digest)) {
+                Err(damaged @ LayoutError::Damaged { .. }) => Err(damaged.into()),
+                _ => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    async fn upload_file(
         &self,
         repo: &str,
         digest: &Digest,

@@ -8,6 +8,7 @@
 //! blob already pushed to another repository in this run is mounted.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use tokio::sync::OnceCell;
 use crate::closure;
 use crate::digest::Digest;
 use crate::index::Entry;
-use crate::layout::Layout;
+use crate::layout::{Layout, LayoutError};
 use crate::registry::{RegistryClient, RegistryError};
 use crate::report::{Failure, Report, StreamReport};
 use crate::transfer;
@@ -227,6 +228,8 @@ pub(crate) struct Pusher {
     /// Blobs a streaming restore already put into a repository: reported
     /// as new by the first tag that needs them there.
     streamed: Mutex<HashMap<(String, Digest), u64>>,
+    /// Blobs found damaged in the archive (file, why): not uploaded again.
+    damaged: Mutex<HashMap<Digest, (PathBuf, String)>>,
     dry_run: bool,
 }
 
@@ -247,6 +250,7 @@ impl Pusher {
             done: Mutex::default(),
             located: Mutex::default(),
             streamed: Mutex::default(),
+            damaged: Mutex::default(),
             dry_run,
         }
     }
@@ -285,6 +289,36 @@ impl Pusher {
                 .expect("pusher lock")
                 .insert((repo.to_string(), digest.clone()), n);
         }
+    }
+
+    /// [`Pusher::ensure_blob`], except for a blob already found damaged in
+    /// the archive: that one is not uploaded (and refused) again.
+    async fn ensure_blob_unless_damaged(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<BlobOutcome, RegistryError> {
+        let known = self
+            .damaged
+            .lock()
+            .expect("pusher lock")
+            .get(digest)
+            .cloned();
+        if let Some((path, reason)) = known {
+            return Err(RegistryError::Layout(LayoutError::Damaged {
+                digest: digest.clone(),
+                path,
+                reason,
+            }));
+        }
+        let r = self.ensure_blob(repo, digest).await;
+        if let Err(RegistryError::Layout(LayoutError::Damaged { path, reason, .. })) = &r {
+            self.damaged
+                .lock()
+                .expect("pusher lock")
+                .insert(digest.clone(), (path.clone(), reason.clone()));
+        }
+        r
     }
 
     async fn ensure_blob(&self, repo: &str, digest: &Digest) -> Result<BlobOutcome, RegistryError> {
@@ -349,7 +383,7 @@ impl Pusher {
         let mut root = None;
         for node in nodes {
             match &node.manifest {
-                None => match self.ensure_blob(repo, &node.digest).await {
+                None => match self.ensure_blob_unless_damaged(repo, &node.digest).await {
                     Ok(BlobOutcome::Present) => result.blobs_skipped += 1,
                     Ok(BlobOutcome::Mounted) => result.blobs_new += 1,
                     Ok(BlobOutcome::Uploaded(n)) | Ok(BlobOutcome::WouldUpload(n)) => {
@@ -357,10 +391,13 @@ impl Pusher {
                         result.bytes_new += n;
                     }
                     Err(e) => {
-                        return Err(PushError::Registry(format!(
-                            "image {image}: blob {}: {e}",
-                            node.digest
-                        )))
+                        let reason = format!("image {image}: blob {}: {e}", node.digest);
+                        return Err(match e {
+                            // Unreadable or damaged in the archive: no
+                            // re-run could push it.
+                            RegistryError::Layout(_) => PushError::Archive(reason),
+                            _ => PushError::Registry(reason),
+                        });
                     }
                 },
                 Some(media_type) => {

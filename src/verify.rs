@@ -2,13 +2,12 @@
 //! layout's own files.
 
 use std::collections::HashSet;
-use std::io::Read;
 
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::closure;
-use crate::digest::{Digest, Sha256};
+use crate::digest::Digest;
 use crate::imagestream;
 use crate::layout::{Layout, LayoutError, INGEST_DIR};
 
@@ -44,20 +43,6 @@ impl VerifyReport {
     }
 }
 
-fn hash_file(path: &std::path::Path) -> std::io::Result<Digest> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finish())
-}
-
 /// What [`corrupt_blobs`] found: the bad blobs with a reason, how many blobs
 /// and bytes were re-hashed.
 pub type RehashResult = (Vec<(Digest, String)>, usize, u64);
@@ -69,7 +54,7 @@ pub fn corrupt_blobs(layout: &Layout) -> Result<RehashResult, LayoutError> {
     let bytes = blobs.iter().map(|(_, m)| m.len()).sum();
     let bad = blobs
         .par_iter()
-        .filter_map(|(d, _)| match hash_file(&layout.blob_path(d)) {
+        .filter_map(|(d, _)| match Digest::of_file(&layout.blob_path(d)) {
             Ok(actual) if &actual == d => None,
             Ok(actual) => Some((d.clone(), format!("content hashes to {actual}"))),
             Err(e) => Some((d.clone(), format!("unreadable: {e}"))),

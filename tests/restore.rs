@@ -362,6 +362,94 @@ fn missing_or_corrupt_blob_names_image_and_blob_and_restores_the_rest() {
 }
 
 #[test]
+fn damaged_archive_content_is_named_never_pushed_and_does_not_stop_the_tag() {
+    let f = backed_up();
+    let blob = |d: &str| f.archive.join("blobs/sha256").join(&d[7..]);
+    let json = |d: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(blob(d)).unwrap()).unwrap_or(Value::Null)
+    };
+    // How many archived manifests use each layer.
+    let mut users: BTreeMap<String, usize> = BTreeMap::new();
+    for e in std::fs::read_dir(f.archive.join("blobs/sha256")).unwrap() {
+        let v: Value = serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap())
+            .unwrap_or(Value::Null);
+        for l in v["layers"].as_array().into_iter().flatten() {
+            *users
+                .entry(l["digest"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    let events = tag_events(&f.list);
+    let current_of = |e: &(String, String, String, usize, String)| {
+        events
+            .iter()
+            .find(|c| (&c.0, &c.1, &c.2) == (&e.0, &e.1, &e.2) && c.3 == 0)
+            .map(|c| c.4.clone())
+    };
+    // An older image of a tag with a layer no other image uses, under a
+    // different current image.
+    let (old, layer, current) = events
+        .iter()
+        .filter(|e| e.3 >= 1)
+        .find_map(|e| {
+            let layer = json(&e.4)["layers"]
+                .as_array()?
+                .iter()
+                .filter_map(|l| l["digest"].as_str())
+                .find(|d| users[*d] == 1)?
+                .to_string();
+            let current = current_of(e).filter(|c| c != &e.4)?;
+            Some((e.clone(), layer, current))
+        })
+        .expect("a history image with a layer of its own");
+    let path = blob(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    // Another tag's current image: its manifest still parses, one size
+    // differs (pushed as it is, it would land under another digest).
+    let hit = events
+        .iter()
+        .find(|e| {
+            e.3 == 0
+                && (&e.0, &e.1, &e.2) != (&old.0, &old.1, &old.2)
+                && json(&e.4)["layers"].is_array()
+        })
+        .expect("a plain current image on another tag")
+        .clone();
+    let text = String::from_utf8(std::fs::read(blob(&hit.4)).unwrap()).unwrap();
+    let mut at = text.find("\"size\":").expect("a size field") + 7;
+    at += text[at..].len() - text[at..].trim_start().len();
+    let end = at + text[at..].find(|c: char| !c.is_ascii_digit()).unwrap();
+    let size: u64 = text[at..end].parse().unwrap();
+    let damaged = format!("{}{}{}", &text[..at], size + 1, &text[end..]);
+    std::fs::write(blob(&hit.4), &damaged).unwrap();
+    let damaged_digest = {
+        use sha2::Digest as _;
+        format!("sha256:{:x}", sha2::Sha256::digest(damaged.as_bytes()))
+    };
+
+    let b = Registry::start();
+    let r = run(restore_args(&f.archive, &b.addr, &[]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let failures = r.json()["imagestreams"].to_string();
+    // The damaged layer is named as the archive's fault; the tag still gets
+    // its current image.
+    assert!(
+        failures.contains(&layer) && failures.contains("damaged"),
+        "{failures}"
+    );
+    let repo = format!("{}/{}", old.0, old.1);
+    assert_eq!(head_digest(&b, &repo, &old.2), Some(current), "{failures}");
+    // The damaged manifest is named and pushed nowhere.
+    assert!(failures.contains(&hit.4), "{failures}");
+    let repo = format!("{}/{}", hit.0, hit.1);
+    assert_ne!(head_digest(&b, &repo, &hit.2), Some(damaged_digest.clone()));
+    assert_eq!(head_digest(&b, &repo, &damaged_digest), None);
+}
+
+#[test]
 fn dry_run_reports_what_would_be_pushed_and_pushes_nothing() {
     let f = backed_up();
     let b = Registry::start();
