@@ -10,8 +10,10 @@
 //! - the stream does not exist: `POST` a new ImageStream with the archived
 //!   name, labels, annotations (minus `kubectl.kubernetes.io/last-applied-configuration`)
 //!   and spec, in the (mapped) namespace;
-//! - it exists: a JSON merge patch (`application/merge-patch+json`) of
-//!   `{"spec": ...}`, skipped when it would change nothing.
+//! - it exists (on OpenShift the push has usually created it): a JSON merge
+//!   patch (`application/merge-patch+json`) of the spec and the archived
+//!   labels and annotations (the stream's others stay), skipped when it
+//!   would change nothing.
 //!
 //! `status` is never sent: the API server owns it, and the push has already
 //! recreated the tag histories. `spec.tags[].generation` is left out too: the
@@ -169,6 +171,21 @@ impl Desired {
     /// The `spec` to apply.
     pub fn spec(&self) -> &Value {
         &self.object["spec"]
+    }
+
+    /// The merge patch for a stream that exists (the push creates it on
+    /// OpenShift): the archived spec, labels and annotations. Labels and
+    /// annotations the stream has beyond the archived ones stay.
+    pub fn patch(&self) -> Value {
+        let metadata: Map<String, Value> = ["labels", "annotations"]
+            .into_iter()
+            .filter_map(|k| Some((k.to_string(), self.object["metadata"].get(k)?.clone())))
+            .collect();
+        let mut patch = json!({ "spec": self.spec() });
+        if !metadata.is_empty() {
+            patch["metadata"] = Value::Object(metadata);
+        }
+        patch
     }
 }
 
@@ -346,6 +363,19 @@ pub fn spec_would_change(current: &Value, desired: &Value) -> bool {
     comparable(&after) != before
 }
 
+/// True when the merge patch [`Desired::patch`] would change the stream
+/// `current`: its spec, labels or annotations.
+pub fn would_change(current: &Value, patch: &Value) -> bool {
+    let spec = current.get("spec").unwrap_or(&Value::Null);
+    spec_would_change(spec, &patch["spec"])
+        || patch.get("metadata").is_some_and(|m| {
+            let before = current.get("metadata").cloned().unwrap_or(Value::Null);
+            let mut after = before.clone();
+            merge_patch(&mut after, m);
+            after != before
+        })
+}
+
 /// Applies the selected archived streams through the API server (see the
 /// module documentation). Never fails as a whole: each stream gets an
 /// [`Applied`], failures included.
@@ -411,8 +441,7 @@ async fn apply_one(
             None => patch(client, &collection, desired, opts).await,
         },
         Some(current) => {
-            let spec = current.get("spec").cloned().unwrap_or(Value::Null);
-            if !spec_would_change(&spec, desired.spec()) {
+            if !would_change(&current, &desired.patch()) {
                 Ok(Action::Unchanged)
             } else if opts.dry_run {
                 Ok(Action::WouldPatch)
@@ -448,7 +477,7 @@ async fn create(
     }
 }
 
-/// Merge-patches `{"spec": ...}` onto the existing stream.
+/// Merge-patches [`Desired::patch`] onto the existing stream.
 async fn patch(
     client: &kube::Client,
     collection: &str,
@@ -456,7 +485,7 @@ async fn patch(
     opts: &ApplyOptions,
 ) -> Result<Action, String> {
     let key = desired.key();
-    let body = Patch::Merge(json!({ "spec": desired.spec() }));
+    let body = Patch::Merge(desired.patch());
     let req = || {
         kube::core::Request::new(collection)
             .patch(&desired.name, &PatchParams::default(), &body)

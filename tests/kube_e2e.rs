@@ -558,6 +558,7 @@ fn restore_applies_archived_specs_into_mapped_namespaces_never_status() {
     let seeded = seed(&a, &["--preset", "small"]);
     let mut list = seeded.list();
     let mut backend_spec = Value::Null;
+    let mut backend_labels = Value::Null;
     for is in list["items"].as_array_mut().unwrap() {
         match (
             is["metadata"]["namespace"].as_str(),
@@ -570,7 +571,12 @@ fn restore_applies_archived_specs_into_mapped_namespaces_never_status() {
                     "openshift.io/display-name": "Frontend"
                 });
             }
-            (Some("team-a"), Some("backend")) => backend_spec = is["spec"].clone(),
+            (Some("team-a"), Some("backend")) => {
+                backend_spec = is["spec"].clone();
+                is["metadata"]["annotations"] = json!({"openshift.io/display-name": "Backend"});
+                is["metadata"]["labels"] = json!({"app": "backend", "tier": "api"});
+                backend_labels = is["metadata"]["labels"].clone();
+            }
             _ => {}
         }
     }
@@ -594,7 +600,9 @@ fn restore_applies_archived_specs_into_mapped_namespaces_never_status() {
     let b = Registry::start();
     // team-z/backend exists already (with another spec): it is patched;
     // team-z/frontend does not: it is created.
-    let existing = fake_kube::imagestream("team-z", "backend").build();
+    let existing = fake_kube::imagestream("team-z", "backend")
+        .label("owner", "team-z")
+        .build();
     let api = Api::start(FakeKube::builder().streams([existing.clone()]));
     let flags = [
         "--apply-imagestreams",
@@ -645,7 +653,18 @@ fn restore_applies_archived_specs_into_mapped_namespaces_never_status() {
         t.remove("generation");
         t.remove("annotations");
     }
-    assert_eq!(patch, json!({"spec": backend_applied}));
+    // On OpenShift the push creates the stream: the archived labels and
+    // annotations go out with the spec.
+    assert_eq!(
+        patch,
+        json!({
+            "metadata": {
+                "labels": backend_labels,
+                "annotations": {"openshift.io/display-name": "Backend"}
+            },
+            "spec": backend_applied
+        })
+    );
 
     let post: Value = serde_json::from_str(&writes[1].body).unwrap();
     assert_eq!(writes[1].content_type.as_deref(), Some("application/json"));
@@ -676,6 +695,17 @@ fn restore_applies_archived_specs_into_mapped_namespaces_never_status() {
     assert_eq!(
         patched["status"], existing["status"],
         "the existing status is left alone"
+    );
+    assert_eq!(
+        patched["metadata"]["labels"]["owner"], "team-z",
+        "labels of its own stay: {patched}"
+    );
+    for (k, v) in backend_labels.as_object().unwrap() {
+        assert_eq!(&patched["metadata"]["labels"][k], v, "{patched}");
+    }
+    assert_eq!(
+        patched["metadata"]["annotations"]["openshift.io/display-name"],
+        "Backend"
     );
 
     // A second run changes nothing.
