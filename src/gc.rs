@@ -2,7 +2,7 @@
 //! that are older than a grace period (a snapshot of the previous state may
 //! still be reading them).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -10,6 +10,50 @@ use serde::Serialize;
 use crate::closure::{self, ClosureError};
 use crate::digest::Digest;
 use crate::layout::{Layout, LayoutError};
+
+/// For each manifest among `blobs`: 1 for an image manifest, one more than
+/// its highest child for an index (a blob that is no manifest is 0).
+fn heights(layout: &Layout, blobs: &[(Digest, u64)]) -> HashMap<Digest, usize> {
+    let children: HashMap<&Digest, Vec<Digest>> = blobs
+        .iter()
+        .filter(|(_, size)| *size <= crate::layout::MAX_MANIFEST_SIZE)
+        .filter_map(|(d, _)| {
+            let bytes = layout.read_small_blob(d).ok()?;
+            let p = crate::manifest::parse(d, &bytes, None).ok()?;
+            (!p.blobs.is_empty() || !p.children.is_empty())
+                .then(|| (d, p.children.into_iter().map(|c| c.digest).collect()))
+        })
+        .collect();
+    fn height(
+        d: &Digest,
+        children: &HashMap<&Digest, Vec<Digest>>,
+        memo: &mut HashMap<Digest, usize>,
+        depth: usize,
+    ) -> usize {
+        if let Some(h) = memo.get(d) {
+            return *h;
+        }
+        let h = match children.get(d) {
+            None => 0,
+            // Nesting is at most 8 deep (see backup); no deeper walk.
+            Some(_) if depth > 8 => 1,
+            Some(cs) => {
+                1 + cs
+                    .iter()
+                    .map(|c| height(c, children, memo, depth + 1))
+                    .max()
+                    .unwrap_or(0)
+            }
+        };
+        memo.insert(d.clone(), h);
+        h
+    }
+    let mut memo = HashMap::new();
+    for d in children.keys() {
+        height(d, &children, &mut memo, 0);
+    }
+    memo
+}
 
 /// Errors of gc.
 #[derive(Debug, thiserror::Error)]
@@ -123,17 +167,12 @@ pub fn gc(layout: &Layout, grace: Duration, dry_run: bool) -> Result<GcReport, G
         keep.extend(seen);
     }
     candidates.retain(|(d, _)| !keep.contains(d));
-    // Manifests go first: if gc stops halfway, no manifest is left whose
-    // blobs are gone.
-    candidates.sort_by_key(|(d, size)| {
-        let is_manifest = *size <= crate::layout::MAX_MANIFEST_SIZE
-            && layout
-                .read_small_blob(d)
-                .ok()
-                .and_then(|b| crate::manifest::parse(d, &b, None).ok())
-                .is_some_and(|p| !p.blobs.is_empty() || !p.children.is_empty());
-        !is_manifest
-    });
+    // What references goes before what it references: indexes before their
+    // child manifests, manifests before their blobs. If gc stops halfway,
+    // no manifest is left whose closure is incomplete (a later backup
+    // would take it for a complete image).
+    let height = heights(layout, &candidates);
+    candidates.sort_by_key(|(d, _)| std::cmp::Reverse(height.get(d).copied().unwrap_or(0)));
     for (digest, size) in candidates {
         if !dry_run {
             layout.remove_blob(&digest)?;
@@ -147,4 +186,62 @@ pub fn gc(layout: &Layout, grace: Duration, dry_run: bool) -> Result<GcReport, G
         layout.write_file_atomic(STATE_FILE, &json)?;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Access;
+    use serde_json::json;
+
+    fn put(layout: &Layout, body: &[u8]) -> (Digest, u64) {
+        let d = Digest::of(body);
+        layout.write_blob(&d, body).unwrap();
+        (d, body.len() as u64)
+    }
+
+    fn descriptor(media_type: &str, (d, size): &(Digest, u64)) -> serde_json::Value {
+        json!({"mediaType": media_type, "digest": d.to_string(), "size": size})
+    }
+
+    #[test]
+    fn indexes_go_before_their_manifests_and_manifests_before_their_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path(), Access::Write).unwrap();
+        let layer = put(&layout, b"layer bytes");
+        let config = put(&layout, b"{\"architecture\":\"amd64\",\"os\":\"linux\"}");
+        let manifest = put(
+            &layout,
+            json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
+                "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
+            })
+            .to_string()
+            .as_bytes(),
+        );
+        // An index whose digest sorts after its child's: the order below is
+        // not the digests'.
+        let index = (0..)
+            .map(|n| {
+                json!({
+                    "schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "manifests": [descriptor("application/vnd.oci.image.manifest.v1+json", &manifest)],
+                    "annotations": {"n": n.to_string()},
+                })
+                .to_string()
+            })
+            .find(|body| Digest::of(body.as_bytes()) > manifest.0)
+            .unwrap();
+        let index = put(&layout, index.as_bytes());
+        // None of them is referenced by a committed index.
+        let report = gc(&layout, Duration::ZERO, false).unwrap();
+        let at = |d: &Digest| report.deleted_blobs.iter().position(|x| x == d).unwrap();
+        assert_eq!(report.deleted_blobs.len(), 4, "{report:?}");
+        assert!(at(&index.0) < at(&manifest.0), "{report:?}");
+        assert!(at(&manifest.0) < at(&config.0), "{report:?}");
+        assert!(at(&manifest.0) < at(&layer.0), "{report:?}");
+    }
 }
