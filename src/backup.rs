@@ -612,6 +612,8 @@ fn merge_index(
     struct TagState<'p> {
         next_position: Cell<usize>,
         current: Vec<&'p Digest>,
+        /// This run archived the tag's current image (position 0).
+        has_current: bool,
     }
     let mut tags: HashMap<(&str, &str, &str), TagState> = HashMap::new();
     // One allocation per media type, not per entry.
@@ -623,6 +625,7 @@ fn merge_index(
             .or_insert(TagState {
                 next_position: Cell::new(1),
                 current: Vec::new(),
+                has_current: false,
             });
         let np = &tag.next_position;
         np.set(np.get().max(r.position + 1));
@@ -645,6 +648,7 @@ fn merge_index(
             continue;
         };
         tag.current.push(&r.digest);
+        tag.has_current |= r.position == 0;
         entries.push(Entry {
             namespace: r.namespace.clone(),
             stream: r.stream.clone(),
@@ -677,10 +681,15 @@ fn merge_index(
             return Some(e.position);
         }
         let state = tags.get(&(ns, stream, tag));
+        let tag_failed = failed_tags.contains(&(ns, stream, tag));
+        // The tag's current image of an earlier run, when this run's failed:
+        // it stays the tag's (`ns/is:tag`) until a run archives the new one.
+        if e.position == 0 && tag_failed && state.is_some_and(|t| !t.has_current) {
+            return Some(0);
+        }
         if state.is_some_and(|t| t.current.binary_search(&e.digest).is_ok()) {
             return None;
         }
-        let tag_failed = failed_tags.contains(&(ns, stream, tag));
         if opts.prune_history && !tag_failed && !opts.failed_namespaces.iter().any(|n| n == ns) {
             report.pruned.push(Failure {
                 namespace: ns.to_string(),

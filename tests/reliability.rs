@@ -328,6 +328,106 @@ fn failing_image_keeps_what_an_earlier_run_archived_and_repair_replaces_corrupt_
 }
 
 #[test]
+fn a_tag_whose_new_image_fails_keeps_naming_its_archived_image() {
+    let reg = Registry::start();
+    let seeded = seed(&reg, &["--preset", "small"]);
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("a");
+    run_ok(
+        0,
+        backup_args(&reg.addr, &archive, &seeded.imagestreams, &[]),
+    );
+    // (history index, digest, ref name) of every entry of the tag.
+    let tag_entries = |tag: &str| -> Vec<(String, String, String)> {
+        let index: serde_json::Value =
+            serde_json::from_slice(&read(&archive.join("index.json"))).unwrap();
+        let mut out: Vec<(String, String, String)> = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (&m["annotations"], m["digest"].as_str().unwrap()))
+            .filter(|(a, _)| {
+                a["io.imagestream-archiver.namespace"] == "team-a"
+                    && a["io.imagestream-archiver.imagestream"] == "backend"
+                    && a["io.imagestream-archiver.tag"] == tag
+            })
+            .map(|(a, digest)| {
+                (
+                    a["io.imagestream-archiver.history-index"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                    digest.to_string(),
+                    a["org.opencontainers.image.ref.name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    // The stream moves its first tag on to an image the registry cannot
+    // serve: the new current event fails, the old one becomes history.
+    let mut list = seeded.list();
+    let is = list["items"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|is| is["metadata"]["namespace"] == "team-a" && is["metadata"]["name"] == "backend")
+        .expect("team-a/backend");
+    let tag = is["status"]["tags"][0]["tag"].as_str().unwrap().to_string();
+    let before = tag_entries(&tag);
+    assert_eq!(before[0].0, "0", "{before:?}");
+    assert_eq!(before[0].2, format!("team-a/backend:{tag}"), "{before:?}");
+    let items = is["status"]["tags"][0]["items"].as_array_mut().unwrap();
+    let mut new = items[0].clone();
+    let gone = format!("sha256:{}", "0".repeat(64));
+    let reference = new["dockerImageReference"].as_str().unwrap();
+    new["dockerImageReference"] =
+        format!("{}@{gone}", &reference[..reference.rfind('@').unwrap()]).into();
+    new["image"] = gone.clone().into();
+    items.insert(0, new);
+    let moved = work.path().join("moved.json");
+    std::fs::write(&moved, serde_json::to_vec(&list).unwrap()).unwrap();
+
+    let r = run(backup_args(
+        &reg.addr,
+        &archive,
+        &moved,
+        &["--retries", "1"],
+    ));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stdout.contains(&gone),
+        "the failure is named: {}",
+        r.stdout
+    );
+    let after = tag_entries(&tag);
+    assert!(
+        after.contains(&before[0]),
+        "the tag still names its archived image: {before:?} -> {after:?}"
+    );
+    verify_ok(&archive);
+    // Restored, the tag is on that image again.
+    let target = Registry::start();
+    run_ok(
+        0,
+        common::archiver_args(
+            "restore",
+            &archive,
+            common::plain_registry(&target.addr),
+            &[],
+        ),
+    );
+    assert_eq!(
+        common::head_digest(&target, "team-a/backend", &tag),
+        Some(before[0].1.clone())
+    );
+}
+
+#[test]
 fn second_writer_fails_fast_naming_the_holder() {
     let reg = Registry::start();
     let seeded = seed(&reg, &["--preset", "small", "--layer-size", "2000000"]);
