@@ -735,19 +735,41 @@ fn merge_index(
         Listed(&'a imagestream::PackedObject),
     }
     let mut objects: BTreeMap<String, Object> = BTreeMap::new();
-    if let Some(file) = &earlier {
-        let scanned =
-            imagestream::scan_list(file.bytes(), "archived ImageStream list", &mut |_, raw| {
-                let key = imagestream::key_of(raw)?;
-                // Borrowed from the map, which outlives `objects`; its
-                // pages may leave memory (they are read back if needed).
-                let raw: &RawValue = serde_json::from_str(raw).map_err(|e| e.to_string())?;
-                file.release_through(raw.get());
-                objects.insert(key, Object::Archived(raw));
-                Ok(())
-            });
+    if let (Some(file), Some(digest)) = (&earlier, &previous.imagestreams) {
+        // Hashed as it is parsed (each part before its pages are released):
+        // earlier objects are carried over only from the list as archived.
+        let bytes = file.bytes();
+        let mut hasher = crate::digest::Sha256::new();
+        let mut hashed = 0;
+        let scanned = imagestream::scan_list(bytes, "archived ImageStream list", &mut |_, raw| {
+            let key = imagestream::key_of(raw)?;
+            // Borrowed from the map, which outlives `objects`; its
+            // pages may leave memory (they are read back if needed).
+            let raw: &RawValue = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+            let end = raw.get().as_ptr() as usize + raw.get().len() - bytes.as_ptr() as usize;
+            hasher.update(&bytes[hashed..end]);
+            hashed = end;
+            file.release_through(raw.get());
+            objects.insert(key, Object::Archived(raw));
+            Ok(())
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            hasher.update(&bytes[hashed..]);
+            let actual = hasher.finish();
+            match &actual == digest {
+                true => Ok(()),
+                false => Err(format!("content hashes to {actual}")),
+            }
+        });
         if let Err(e) = scanned {
-            tracing::warn!("{e}; keeping only this run's ImageStream objects");
+            let problem = format!(
+                "the archived ImageStream list {} is damaged ({e}): this run keeps only its own \
+                 ImageStream objects; the volume's snapshots hold the earlier list",
+                layout.blob_path(digest).display()
+            );
+            tracing::error!("{problem}");
+            report.problems.push(problem);
             objects.clear();
         }
     }

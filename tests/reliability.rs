@@ -428,6 +428,49 @@ fn a_tag_whose_new_image_fails_keeps_naming_its_archived_image() {
 }
 
 #[test]
+fn a_damaged_imagestream_list_is_reported_and_not_carried_over() {
+    let reg = Registry::start();
+    let seeded = seed(&reg, &["--preset", "small"]);
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("a");
+    run_ok(
+        0,
+        backup_args(&reg.addr, &archive, &seeded.imagestreams, &[]),
+    );
+    let list_blob = || {
+        let index: serde_json::Value =
+            serde_json::from_slice(&read(&archive.join("index.json"))).unwrap();
+        let d = index["annotations"]["io.imagestream-archiver.imagestreams"]
+            .as_str()
+            .expect("the list is named in index.json")
+            .to_string();
+        blob(&archive, &d)
+    };
+    // Damaged on disk, still JSON: team-b's objects now say team-q.
+    let path = list_blob();
+    let text = String::from_utf8(read(&path)).unwrap();
+    assert!(text.contains("\"team-b\""));
+    std::fs::write(&path, text.replacen("\"team-b\"", "\"team-q\"", 1)).unwrap();
+
+    // A run for team-a alone would carry team-b's objects over as archived.
+    let r = run(backup_args(
+        &reg.addr,
+        &archive,
+        &seeded.imagestreams,
+        &["--namespace", "team-a"],
+    ));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let problems = r.json()["problems"].to_string();
+    assert!(
+        problems.contains("ImageStream list") && problems.contains("damaged"),
+        "{problems}"
+    );
+    let now = String::from_utf8(read(&list_blob())).unwrap();
+    assert!(!now.contains("team-q"), "nothing damaged is carried over");
+    assert!(now.contains("\"team-a\""), "this run's objects are kept");
+}
+
+#[test]
 fn second_writer_fails_fast_naming_the_holder() {
     let reg = Registry::start();
     let seeded = seed(&reg, &["--preset", "small", "--layer-size", "2000000"]);
