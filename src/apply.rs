@@ -22,6 +22,10 @@
 //! into a mapped namespace are rewritten, as are `DockerImage` references to
 //! the stream's own internal registry under a mapped namespace.
 //!
+//! Two archived streams that `--map-namespace` puts on one target are not
+//! merged, as in the push: the one already in that namespace is applied,
+//! the other is reported as not applied.
+//!
 //! Failures are per stream: one refused stream does not stop the others.
 
 use std::collections::BTreeMap;
@@ -190,16 +194,40 @@ impl Desired {
 }
 
 /// Selects the archived streams `opts` asks for and builds the objects to
-/// apply, namespaces mapped, sorted by target namespace and name.
-pub fn desired_objects(streams: &[ImageStream], opts: &ApplyOptions) -> Vec<Desired> {
-    let mut out: Vec<Desired> = streams
+/// apply, namespaces mapped, sorted by target namespace and name. Two
+/// archived streams that `--map-namespace` puts on one target stream are
+/// not merged, as in the push ([`crate::restore`]): the one already in that
+/// namespace (or the first mapped) is applied; the others come back second,
+/// with the stream that took their place.
+pub fn desired_objects(
+    streams: &[ImageStream],
+    opts: &ApplyOptions,
+) -> (Vec<Desired>, Vec<(Desired, String)>) {
+    let mut all: Vec<Desired> = streams
         .iter()
         .filter(|is| opts.namespaces.is_empty() || opts.namespaces.contains(&is.metadata.namespace))
         .filter(|is| opts.imagestreams.is_empty() || opts.imagestreams.contains(&is.key()))
         .map(|is| desired_object(is, &opts.map_namespaces))
         .collect();
+    // Unmapped first; a stable sort keeps the archive's order otherwise.
+    all.sort_by_key(|d| d.source != d.key());
+    let mut out: Vec<Desired> = Vec::with_capacity(all.len());
+    let mut left_out = Vec::new();
+    let mut taken: BTreeMap<String, String> = BTreeMap::new();
+    for d in all {
+        match taken.get(&d.key()) {
+            Some(winner) => {
+                let winner = winner.clone();
+                left_out.push((d, winner));
+            }
+            None => {
+                taken.insert(d.key(), d.source.clone());
+                out.push(d);
+            }
+        }
+    }
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    out
+    (out, left_out)
 }
 
 /// Builds the object to apply for one archived stream: name, mapped
@@ -385,7 +413,21 @@ pub async fn apply(
     opts: &ApplyOptions,
 ) -> Vec<Applied> {
     let mut out = Vec::new();
-    for desired in desired_objects(streams, opts) {
+    let (desired_objects, left_out) = desired_objects(streams, opts);
+    for (desired, winner) in left_out {
+        let message = format!(
+            "not applied: --map-namespace would put it on {}, which {winner} takes",
+            desired.key()
+        );
+        tracing::warn!(imagestream = %desired.source, "{message}");
+        out.push(Applied {
+            imagestream: desired.key(),
+            from: Some(desired.source),
+            action: Action::Failed,
+            message: Some(message),
+        });
+    }
+    for desired in desired_objects {
         let from = (desired.source != desired.key()).then(|| desired.source.clone());
         let (action, message) = match apply_one(client, &desired, opts).await {
             Ok(action) => (action, None),
@@ -610,11 +652,32 @@ mod tests {
             map_namespaces: map(),
             ..Default::default()
         };
-        assert_eq!(desired_objects(&s, &opts(&[], &[])).len(), 1);
-        assert_eq!(desired_objects(&s, &opts(&["team-a"], &[])).len(), 1);
-        assert_eq!(desired_objects(&s, &opts(&["team-z"], &[])).len(), 0);
-        assert_eq!(desired_objects(&s, &opts(&[], &["team-a/web"])).len(), 1);
-        assert_eq!(desired_objects(&s, &opts(&[], &["team-a/api"])).len(), 0);
+        assert_eq!(desired_objects(&s, &opts(&[], &[])).0.len(), 1);
+        assert_eq!(desired_objects(&s, &opts(&["team-a"], &[])).0.len(), 1);
+        assert_eq!(desired_objects(&s, &opts(&["team-z"], &[])).0.len(), 0);
+        assert_eq!(desired_objects(&s, &opts(&[], &["team-a/web"])).0.len(), 1);
+        assert_eq!(desired_objects(&s, &opts(&[], &["team-a/api"])).0.len(), 0);
+    }
+
+    #[test]
+    fn streams_mapped_onto_one_are_not_merged() {
+        let mut mapped_first = stream();
+        mapped_first.metadata.namespace = "team-a".into();
+        let mut own = stream();
+        own.metadata.namespace = "team-z".into();
+        let opts = ApplyOptions {
+            map_namespaces: map(),
+            ..Default::default()
+        };
+        // The stream already in team-z wins, wherever it is in the archive.
+        for streams in [[mapped_first.clone(), own.clone()], [own, mapped_first]] {
+            let (kept, left_out) = desired_objects(&streams, &opts);
+            assert_eq!(kept.len(), 1);
+            assert_eq!(kept[0].source, "team-z/web");
+            assert_eq!(left_out.len(), 1);
+            assert_eq!(left_out[0].0.source, "team-a/web");
+            assert_eq!(left_out[0].1, "team-z/web");
+        }
     }
 
     #[test]
