@@ -38,7 +38,7 @@ use serde_json::{json, Map, Value};
 
 use crate::digest::Digest;
 use crate::discovery::{send_with_retry, status_message, CallError, RetryPolicy, IMAGE_API};
-use crate::imagestream::{self, ImageStream, ImageStreamError};
+use crate::imagestream::{self, ImageStream, ImageStreamError, ImageStreamStatus};
 use crate::layout::{Layout, LayoutError};
 
 /// The annotation `kubectl apply` keeps; it describes the source cluster's
@@ -255,17 +255,11 @@ pub fn desired_object(is: &ImageStream, map: &BTreeMap<String, String>) -> Desir
             metadata.insert("annotations".into(), Value::Object(kept));
         }
     }
-    let registry_host = is
-        .status
-        .docker_image_repository
-        .split('/')
-        .next()
-        .filter(|h| !h.is_empty());
     let object = json!({
         "apiVersion": "image.openshift.io/v1",
         "kind": "ImageStream",
         "metadata": metadata,
-        "spec": desired_spec(&is.spec, map, registry_host),
+        "spec": desired_spec(&is.spec, map, &internal_hosts(&is.status)),
     });
     Desired {
         source: is.key(),
@@ -275,15 +269,51 @@ pub fn desired_object(is: &ImageStream, map: &BTreeMap<String, String>) -> Desir
     }
 }
 
+/// The names of the stream's internal registry: the service's host from
+/// `status.dockerImageRepository` (`NAME.NS.svc:PORT`, also reachable as
+/// `NAME.NS.svc.cluster.local:PORT`) and the route's host from
+/// `status.publicDockerImageRepository`.
+fn internal_hosts(status: &ImageStreamStatus) -> Vec<String> {
+    let host_of = |repo: &str| {
+        repo.split('/')
+            .next()
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+    };
+    let mut hosts = Vec::new();
+    if let Some(host) = host_of(&status.docker_image_repository) {
+        let (name, port) = host.split_once(':').unwrap_or((&host, ""));
+        let other = match name.strip_suffix(".cluster.local") {
+            Some(short) => short.to_string(),
+            None if name.ends_with(".svc") => format!("{name}.cluster.local"),
+            None => String::new(),
+        };
+        if !other.is_empty() {
+            hosts.push(match port {
+                "" => other,
+                port => format!("{other}:{port}"),
+            });
+        }
+        hosts.push(host);
+    }
+    hosts.extend(
+        status
+            .public_docker_image_repository
+            .as_deref()
+            .and_then(host_of),
+    );
+    hosts
+}
+
 /// The archived `spec`, ready to apply: null members dropped, the
 /// server-assigned `tags[].generation` dropped, and namespaces mapped in
 /// `tags[].from`: the `namespace` of `ImageStreamTag`/`ImageStreamImage`
-/// references, and the namespace part of `DockerImage` references to
-/// `registry_host` (the stream's internal registry).
+/// references, and the namespace part of `DockerImage` references to one
+/// of `registry_hosts` (the stream's internal registry).
 pub fn desired_spec(
     spec: &Value,
     map: &BTreeMap<String, String>,
-    registry_host: Option<&str>,
+    registry_hosts: &[String],
 ) -> Value {
     let mut spec = drop_nulls(spec.clone());
     if !spec.is_object() {
@@ -311,7 +341,10 @@ pub fn desired_spec(
                 }
                 "DockerImage" => {
                     let name = from.get("name").and_then(Value::as_str).unwrap_or_default();
-                    if let Some(new) = map_internal_reference(name, map, registry_host) {
+                    let mapped = registry_hosts
+                        .iter()
+                        .find_map(|host| map_internal_reference(name, map, host));
+                    if let Some(new) = mapped {
                         from.insert("name".into(), json!(new));
                     }
                 }
@@ -327,9 +360,8 @@ pub fn desired_spec(
 fn map_internal_reference(
     name: &str,
     map: &BTreeMap<String, String>,
-    registry_host: Option<&str>,
+    host: &str,
 ) -> Option<String> {
-    let host = registry_host?;
     let rest = name.strip_prefix(host)?.strip_prefix('/')?;
     let (ns, tail) = rest.split_once('/')?;
     let new = map.get(ns)?;
@@ -700,7 +732,36 @@ mod tests {
     }
 
     #[test]
+    fn references_to_every_name_of_the_internal_registry_are_mapped() {
+        let mut is = stream();
+        is.status.public_docker_image_repository =
+            Some("default-route-openshift-image-registry.apps.example.com/team-a/web".into());
+        let hosts = internal_hosts(&is.status);
+        let spec = json!({"tags": [
+            {"name": "a", "from": {"kind": "DockerImage",
+             "name": "image-registry.openshift-image-registry.svc.cluster.local:5000/team-a/web:1"}},
+            {"name": "b", "from": {"kind": "DockerImage",
+             "name": "default-route-openshift-image-registry.apps.example.com/team-a/web:2"}},
+            {"name": "c", "from": {"kind": "DockerImage", "name": "quay.io/team-a/web:3"}},
+        ]});
+        let names: Vec<Value> = desired_spec(&spec, &map(), &hosts)["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["from"]["name"].clone())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "image-registry.openshift-image-registry.svc.cluster.local:5000/team-z/web:1",
+                "default-route-openshift-image-registry.apps.example.com/team-z/web:2",
+                "quay.io/team-a/web:3",
+            ]
+        );
+    }
+
+    #[test]
     fn spec_null_or_missing_becomes_empty_object() {
-        assert_eq!(desired_spec(&Value::Null, &map(), None), json!({}));
+        assert_eq!(desired_spec(&Value::Null, &map(), &[]), json!({}));
     }
 }
