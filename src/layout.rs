@@ -147,6 +147,17 @@ pub struct Layout {
     direct_io: bool,
 }
 
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // The holder's name is true only while it holds the lock: a writer
+        // that is done clears it, so that a reader holding the lock later
+        // is not taken for this run.
+        if self.access == Access::Write {
+            let _ = self._lock.set_len(0);
+        }
+    }
+}
+
 impl Layout {
     /// Opens (and for [`Access::Write`], creates) the layout at `root`,
     /// taking the lock without waiting. A writer also sweeps stale temp files.
@@ -1104,6 +1115,15 @@ mod tests {
             "{err}"
         );
         assert!(Layout::open(dir.path(), Access::Read).is_err());
+    }
+
+    #[test]
+    fn a_finished_writer_is_not_named_as_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Layout::open(dir.path(), Access::Write).unwrap());
+        let _reader = Layout::open(dir.path(), Access::Read).unwrap();
+        let err = Layout::open(dir.path(), Access::Write).unwrap_err();
+        assert!(err.to_string().contains("(a reader)"), "{err}");
     }
 
     #[test]
