@@ -329,14 +329,8 @@ fn failing_image_keeps_what_an_earlier_run_archived_and_repair_replaces_corrupt_
 
 #[test]
 fn a_tag_whose_new_image_fails_keeps_naming_its_archived_image() {
-    let reg = Registry::start();
-    let seeded = seed(&reg, &["--preset", "small"]);
-    let work = tempfile::tempdir().unwrap();
-    let archive = work.path().join("a");
-    run_ok(
-        0,
-        backup_args(&reg.addr, &archive, &seeded.imagestreams, &[]),
-    );
+    let f = common::backed_up(&["--preset", "small"]);
+    let archive = &f.archive;
     // (history index, digest, ref name) of every entry of the tag.
     let tag_entries = |tag: &str| -> Vec<(String, String, String)> {
         let index: serde_json::Value =
@@ -370,7 +364,7 @@ fn a_tag_whose_new_image_fails_keeps_naming_its_archived_image() {
     };
     // The stream moves its first tag on to an image the registry cannot
     // serve: the new current event fails, the old one becomes history.
-    let mut list = seeded.list();
+    let mut list = f.list.clone();
     let is = list["items"]
         .as_array_mut()
         .unwrap()
@@ -389,12 +383,12 @@ fn a_tag_whose_new_image_fails_keeps_naming_its_archived_image() {
         format!("{}@{gone}", &reference[..reference.rfind('@').unwrap()]).into();
     new["image"] = gone.clone().into();
     items.insert(0, new);
-    let moved = work.path().join("moved.json");
+    let moved = f.work.path().join("moved.json");
     std::fs::write(&moved, serde_json::to_vec(&list).unwrap()).unwrap();
 
     let r = run(backup_args(
-        &reg.addr,
-        &archive,
+        &f.registry.addr,
+        archive,
         &moved,
         &["--retries", "1"],
     ));
@@ -409,14 +403,14 @@ fn a_tag_whose_new_image_fails_keeps_naming_its_archived_image() {
         after.contains(&before[0]),
         "the tag still names its archived image: {before:?} -> {after:?}"
     );
-    verify_ok(&archive);
+    verify_ok(archive);
     // Restored, the tag is on that image again.
     let target = Registry::start();
     run_ok(
         0,
         common::archiver_args(
             "restore",
-            &archive,
+            archive,
             common::plain_registry(&target.addr),
             &[],
         ),
@@ -429,14 +423,8 @@ fn a_tag_whose_new_image_fails_keeps_naming_its_archived_image() {
 
 #[test]
 fn a_damaged_imagestream_list_is_reported_and_not_carried_over() {
-    let reg = Registry::start();
-    let seeded = seed(&reg, &["--preset", "small"]);
-    let work = tempfile::tempdir().unwrap();
-    let archive = work.path().join("a");
-    run_ok(
-        0,
-        backup_args(&reg.addr, &archive, &seeded.imagestreams, &[]),
-    );
+    let f = common::backed_up(&["--preset", "small"]);
+    let archive = &f.archive;
     let list_blob = || {
         let index: serde_json::Value =
             serde_json::from_slice(&read(&archive.join("index.json"))).unwrap();
@@ -444,7 +432,7 @@ fn a_damaged_imagestream_list_is_reported_and_not_carried_over() {
             .as_str()
             .expect("the list is named in index.json")
             .to_string();
-        blob(&archive, &d)
+        blob(archive, &d)
     };
     // Damaged on disk, still JSON: team-b's objects now say team-q.
     let path = list_blob();
@@ -454,9 +442,9 @@ fn a_damaged_imagestream_list_is_reported_and_not_carried_over() {
 
     // A run for team-a alone would carry team-b's objects over as archived.
     let r = run(backup_args(
-        &reg.addr,
-        &archive,
-        &seeded.imagestreams,
+        &f.registry.addr,
+        archive,
+        &f.imagestreams,
         &["--namespace", "team-a"],
     ));
     assert_eq!(r.code, 1, "{}", r.stderr);

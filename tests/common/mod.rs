@@ -311,6 +311,8 @@ pub struct BackedUp {
     pub registry: Registry,
     /// The seeded ImageStream list.
     pub list: serde_json::Value,
+    /// The file holding it (in the registry's directory).
+    pub imagestreams: PathBuf,
     /// The archive directory.
     pub archive: PathBuf,
     /// A scratch directory that holds the archive.
@@ -334,6 +336,7 @@ pub fn backed_up(seed_args: &[&str]) -> BackedUp {
     );
     BackedUp {
         list: seeded.list(),
+        imagestreams: seeded.imagestreams.clone(),
         registry,
         archive,
         work,
