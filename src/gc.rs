@@ -11,50 +11,6 @@ use crate::closure::{self, ClosureError};
 use crate::digest::Digest;
 use crate::layout::{Layout, LayoutError};
 
-/// For each manifest among `blobs`: 1 for an image manifest, one more than
-/// its highest child for an index (a blob that is no manifest is 0).
-fn heights(layout: &Layout, blobs: &[(Digest, u64)]) -> HashMap<Digest, usize> {
-    let children: HashMap<&Digest, Vec<Digest>> = blobs
-        .iter()
-        .filter(|(_, size)| *size <= crate::layout::MAX_MANIFEST_SIZE)
-        .filter_map(|(d, _)| {
-            let bytes = layout.read_small_blob(d).ok()?;
-            let p = crate::manifest::parse(d, &bytes, None).ok()?;
-            (!p.blobs.is_empty() || !p.children.is_empty())
-                .then(|| (d, p.children.into_iter().map(|c| c.digest).collect()))
-        })
-        .collect();
-    fn height(
-        d: &Digest,
-        children: &HashMap<&Digest, Vec<Digest>>,
-        memo: &mut HashMap<Digest, usize>,
-        depth: usize,
-    ) -> usize {
-        if let Some(h) = memo.get(d) {
-            return *h;
-        }
-        let h = match children.get(d) {
-            None => 0,
-            // Nesting is at most 8 deep (see backup); no deeper walk.
-            Some(_) if depth > 8 => 1,
-            Some(cs) => {
-                1 + cs
-                    .iter()
-                    .map(|c| height(c, children, memo, depth + 1))
-                    .max()
-                    .unwrap_or(0)
-            }
-        };
-        memo.insert(d.clone(), h);
-        h
-    }
-    let mut memo = HashMap::new();
-    for d in children.keys() {
-        height(d, &children, &mut memo, 0);
-    }
-    memo
-}
-
 /// Errors of gc.
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
@@ -186,6 +142,50 @@ pub fn gc(layout: &Layout, grace: Duration, dry_run: bool) -> Result<GcReport, G
         layout.write_file_atomic(STATE_FILE, &json)?;
     }
     Ok(report)
+}
+
+/// For each manifest among `blobs`: 1 for an image manifest, one more than
+/// its highest child for an index (a blob that is no manifest is 0).
+fn heights(layout: &Layout, blobs: &[(Digest, u64)]) -> HashMap<Digest, usize> {
+    let children: HashMap<&Digest, Vec<Digest>> = blobs
+        .iter()
+        .filter(|(_, size)| *size <= crate::layout::MAX_MANIFEST_SIZE)
+        .filter_map(|(d, _)| {
+            let bytes = layout.read_small_blob(d).ok()?;
+            let p = crate::manifest::parse(d, &bytes, None).ok()?;
+            (!p.blobs.is_empty() || !p.children.is_empty())
+                .then(|| (d, p.children.into_iter().map(|c| c.digest).collect()))
+        })
+        .collect();
+    fn height(
+        d: &Digest,
+        children: &HashMap<&Digest, Vec<Digest>>,
+        memo: &mut HashMap<Digest, usize>,
+        depth: usize,
+    ) -> usize {
+        if let Some(h) = memo.get(d) {
+            return *h;
+        }
+        let h = match children.get(d) {
+            None => 0,
+            // Nesting is at most 8 deep (see backup); no deeper walk.
+            Some(_) if depth > 8 => 1,
+            Some(cs) => {
+                1 + cs
+                    .iter()
+                    .map(|c| height(c, children, memo, depth + 1))
+                    .max()
+                    .unwrap_or(0)
+            }
+        };
+        memo.insert(d.clone(), h);
+        h
+    }
+    let mut memo = HashMap::new();
+    for d in children.keys() {
+        height(d, &children, &mut memo, 0);
+    }
+    memo
 }
 
 #[cfg(test)]

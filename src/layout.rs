@@ -285,14 +285,7 @@ impl Layout {
             });
         }
         let bytes = fs::read(&path).map_err(io_err("read", &path))?;
-        let actual = Digest::of(&bytes);
-        if &actual != digest {
-            return Err(LayoutError::Damaged {
-                digest: digest.clone(),
-                path,
-                reason: format!("content hashes to {actual}"),
-            });
-        }
+        undamaged(digest, Digest::of(&bytes), path)?;
         Ok(bytes)
     }
 
@@ -301,14 +294,7 @@ impl Layout {
     pub fn check_blob(&self, digest: &Digest) -> Result<(), LayoutError> {
         let path = self.blob_path(digest);
         let actual = Digest::of_file(&path).map_err(io_err("read", &path))?;
-        if &actual != digest {
-            return Err(LayoutError::Damaged {
-                digest: digest.clone(),
-                path,
-                reason: format!("content hashes to {actual}"),
-            });
-        }
-        Ok(())
+        undamaged(digest, actual, path)
     }
 
     /// Opens a blob for streaming.
@@ -819,6 +805,19 @@ fn direct_io_pays(dir: &Path) -> bool {
     #[allow(clippy::unnecessary_cast)]
     let kind = st.f_type as u32;
     matches!(kind, EXT | XFS | BTRFS)
+}
+
+/// [`LayoutError::Damaged`] unless the blob file `path` of `digest` hashed
+/// to `actual` is what its name says.
+fn undamaged(digest: &Digest, actual: Digest, path: PathBuf) -> Result<(), LayoutError> {
+    if &actual == digest {
+        return Ok(());
+    }
+    Err(LayoutError::Damaged {
+        digest: digest.clone(),
+        path,
+        reason: format!("content hashes to {actual}"),
+    })
 }
 
 /// Sets or clears O_DIRECT on an open file.
