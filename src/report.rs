@@ -159,6 +159,10 @@ pub struct Report {
     pub applied: Vec<crate::apply::Applied>,
     /// Requests sent to the registry.
     pub requests: RequestCounts,
+    /// The registry refused every tag for credentials, permissions or TLS:
+    /// a configuration problem (exit 2), not a partial run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 impl Report {
@@ -167,9 +171,12 @@ impl Report {
         self.imagestreams.values().flat_map(|s| s.failures.iter())
     }
 
-    /// 0 when everything succeeded, 1 when something failed.
+    /// 0 when everything succeeded, 1 when something failed, 2 when the
+    /// registry refused everything ([`Report::refused`]).
     pub fn exit_code(&self) -> i32 {
-        if self.failures().next().is_some() || !self.problems.is_empty() {
+        if self.refused {
+            EXIT_CONFIG
+        } else if self.failures().next().is_some() || !self.problems.is_empty() {
             EXIT_PARTIAL
         } else {
             EXIT_OK

@@ -147,6 +147,8 @@ enum PushError {
 /// What happened to one tag.
 #[derive(Debug, Default)]
 struct UnitResult {
+    /// The registry refused the tag for credentials, permissions or TLS.
+    refused: bool,
     pushed: usize,
     skipped: usize,
     conflict: Option<String>,
@@ -450,6 +452,7 @@ impl Pusher {
         let existing = match self.client.resolve(&repo, &unit.tag).await {
             Ok(d) => d,
             Err(e) => {
+                result.refused = e.is_config();
                 result.failures.push(fail(current, format!("{e:#}")));
                 return result;
             }
@@ -573,6 +576,15 @@ pub(crate) async fn run_units(
     })
     .await;
     transfer::stop_progress(ticker);
+    report.refused = !results.is_empty() && results.iter().all(|(_, r)| r.refused);
+    if report.refused {
+        let first = results
+            .iter()
+            .find_map(|(_, r)| r.failures.first())
+            .map(|f| f.reason.as_str())
+            .unwrap_or_default();
+        tracing::error!("the registry refused every tag: {first}");
+    }
     let mut images = std::collections::HashSet::new();
     for (unit, r) in results {
         let s: &mut StreamReport = report.imagestreams.entry(unit.repo()).or_default();

@@ -457,6 +457,28 @@ fn tls_and_basic_auth_registry() {
         r.stderr
     );
     assert!(!r.stderr.contains("wrong-password-123") && !r.stdout.contains("wrong-password-123"));
+
+    // A restore refused on every tag is a configuration error too, with
+    // its report.
+    let mut flags = archiver_registry_flags(&reg);
+    let p = flags.iter().position(|a| a == "--password-file").unwrap();
+    flags[p + 1] = pw.display().to_string();
+    let r = run(common::archiver_args("restore", &archive, flags, &[]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.json()["refused"], true, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("refused every tag")
+            && r.stderr.to_lowercase().contains("not authorized"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("wrong-password-123") && !r.stdout.contains("wrong-password-123"));
+    // With the right password the same restore goes through.
+    let r = run_ok(
+        0,
+        common::archiver_args("restore", &archive, archiver_registry_flags(&reg), &[]),
+    );
+    assert!(r.json().get("refused").is_none(), "{}", r.stdout);
 }
 
 #[test]
