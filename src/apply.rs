@@ -196,37 +196,36 @@ impl Desired {
 /// Selects the archived streams `opts` asks for and builds the objects to
 /// apply, namespaces mapped, sorted by target namespace and name. Two
 /// archived streams that `--map-namespace` puts on one target stream are
-/// not merged, as in the push ([`crate::restore`]): the one already in that
-/// namespace (or the first mapped) is applied; the others come back second,
+/// not merged, as in the push (`restore::claim_targets`): the one
+/// already in that namespace (or the first mapped) is applied; the others come back second,
 /// with the stream that took their place.
 pub fn desired_objects(
     streams: &[ImageStream],
     opts: &ApplyOptions,
 ) -> (Vec<Desired>, Vec<(Desired, String)>) {
-    let mut all: Vec<Desired> = streams
+    let selected: Vec<&ImageStream> = streams
         .iter()
         .filter(|is| opts.namespaces.is_empty() || opts.namespaces.contains(&is.metadata.namespace))
         .filter(|is| opts.imagestreams.is_empty() || opts.imagestreams.contains(&is.key()))
+        .collect();
+    let (kept, left_out) = crate::restore::claim_targets(
+        selected,
+        &opts.map_namespaces,
+        |is: &&ImageStream| -> &str { &is.metadata.namespace },
+        |is: &&ImageStream| -> &str { &is.metadata.name },
+    );
+    let mut out: Vec<Desired> = kept
+        .into_iter()
         .map(|is| desired_object(is, &opts.map_namespaces))
         .collect();
-    // Unmapped first; a stable sort keeps the archive's order otherwise.
-    all.sort_by_key(|d| d.source != d.key());
-    let mut out: Vec<Desired> = Vec::with_capacity(all.len());
-    let mut left_out = Vec::new();
-    let mut taken: BTreeMap<String, String> = BTreeMap::new();
-    for d in all {
-        match taken.get(&d.key()) {
-            Some(winner) => {
-                let winner = winner.clone();
-                left_out.push((d, winner));
-            }
-            None => {
-                taken.insert(d.key(), d.source.clone());
-                out.push(d);
-            }
-        }
-    }
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let left_out = left_out
+        .into_iter()
+        .map(|(is, source)| {
+            let winner = format!("{source}/{}", is.metadata.name);
+            (desired_object(is, &opts.map_namespaces), winner)
+        })
+        .collect();
     (out, left_out)
 }
 

@@ -76,48 +76,51 @@ impl Unit {
     }
 }
 
-/// Selects and groups the entries to restore.
 /// Selects and groups the entries to restore. Two archived streams that
-/// `--map-namespace` would land on the same target stream are not merged:
-/// the one already in that namespace (or the first mapped) wins, the other is
-/// left out and named in the returned problems.
+/// `--map-namespace` would land on the same target stream are not merged
+/// ([`claim_targets`]): the other is left out and named in the returned
+/// problems.
 pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> (Vec<Unit>, Vec<String>) {
-    let mut by_tag: BTreeMap<(String, String, String), Vec<Entry>> = BTreeMap::new();
-    // target ns/name -> the archived namespace it comes from
-    let mut source_of: BTreeMap<(String, String), String> = BTreeMap::new();
-    let mut problems = std::collections::BTreeSet::new();
+    let selected: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| {
+            opts.namespaces.is_empty() || opts.namespaces.iter().any(|n| **n == *e.namespace)
+        })
+        .filter(|e| opts.imagestreams.is_empty() || opts.imagestreams.contains(&e.stream_key()))
+        .collect();
+    let (kept, left_out) = claim_targets(
+        selected,
+        &opts.map_namespaces,
+        |e: &&Entry| -> &str { &e.namespace },
+        |e: &&Entry| -> &str { &e.stream },
+    );
     let target = |ns: &str| {
         opts.map_namespaces
             .get(ns)
             .cloned()
             .unwrap_or_else(|| ns.to_string())
     };
-    // Unmapped namespaces claim their own names first.
-    let mut ordered: Vec<&Entry> = entries.iter().collect();
-    ordered.sort_by_key(|e| opts.map_namespaces.contains_key(&*e.namespace));
-    for e in ordered {
-        if !opts.namespaces.is_empty() && !opts.namespaces.iter().any(|n| **n == *e.namespace) {
-            continue;
-        }
-        if !opts.imagestreams.is_empty() && !opts.imagestreams.contains(&e.stream_key()) {
-            continue;
-        }
-        let ns = target(&e.namespace);
-        let source = source_of
-            .entry((ns.clone(), e.stream.to_string()))
-            .or_insert_with(|| e.namespace.to_string());
-        if **source != *e.namespace {
-            problems.insert(format!(
-                "{} is not restored: --map-namespace would put it on {ns}/{}, which {}/{} restores",
+    let problems: std::collections::BTreeSet<String> = left_out
+        .into_iter()
+        .map(|(e, source)| {
+            format!(
+                "{} is not restored: --map-namespace would put it on {}/{}, which {}/{} restores",
                 e.stream_key(),
+                target(&e.namespace),
                 e.stream,
                 source,
                 e.stream
-            ));
-            continue;
-        }
+            )
+        })
+        .collect();
+    let mut by_tag: BTreeMap<(String, String, String), Vec<Entry>> = BTreeMap::new();
+    for e in kept {
         by_tag
-            .entry((ns, e.stream.to_string(), e.tag.to_string()))
+            .entry((
+                target(&e.namespace),
+                e.stream.to_string(),
+                e.tag.to_string(),
+            ))
             .or_default()
             .push(e.clone());
     }
@@ -134,6 +137,38 @@ pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> (Vec<Unit>, Vec
         })
         .collect();
     (units, problems.into_iter().collect())
+}
+
+/// Of the `items` that `map` would put on one target stream (its
+/// `namespace`, mapped, and `stream` name), keeps those of one archived
+/// stream: the one whose namespace is not mapped (already there), else the
+/// first in `items`. The others come back second, each with the archived
+/// namespace that took its place. Used by the push and by
+/// `--apply-imagestreams`, so that both keep the same stream.
+pub(crate) fn claim_targets<T>(
+    mut items: Vec<T>,
+    map: &BTreeMap<String, String>,
+    namespace: impl Fn(&T) -> &str,
+    stream: impl Fn(&T) -> &str,
+) -> (Vec<T>, Vec<(T, String)>) {
+    // Unmapped namespaces claim their own names first (a stable sort).
+    items.sort_by_key(|t| map.contains_key(namespace(t)));
+    // target ns/name -> the archived namespace it comes from
+    let mut source_of: BTreeMap<(String, String), String> = BTreeMap::new();
+    let (mut kept, mut left_out) = (Vec::new(), Vec::new());
+    for t in items {
+        let ns = namespace(&t).to_string();
+        let target = map.get(&ns).unwrap_or(&ns).clone();
+        let source = source_of
+            .entry((target, stream(&t).to_string()))
+            .or_insert_with(|| ns.clone());
+        if *source == ns {
+            kept.push(t);
+        } else {
+            left_out.push((t, source.clone()));
+        }
+    }
+    (kept, left_out)
 }
 
 /// Why an image could not be pushed.
