@@ -44,7 +44,15 @@ pub const STATE_FILE: &str = ".gc-state.json";
 /// Every blob reachable from the committed index.
 pub fn reachable(layout: &Layout) -> Result<HashSet<Digest>, GcError> {
     let index = layout.read_index()?;
-    let ours: HashSet<&Digest> = index.entries.iter().map(|e| &e.digest).collect();
+    // Ours, and foreign descriptors that say they are manifests or indexes.
+    let mut manifests: HashSet<Digest> = index.entries.iter().map(|e| e.digest.clone()).collect();
+    manifests.extend(index.foreign.iter().filter_map(|f| {
+        let media_type = f.get("mediaType")?.as_str()?;
+        if !crate::manifest::ACCEPTED.contains(&media_type) {
+            return None;
+        }
+        Digest::parse(f.get("digest")?.as_str()?).ok()
+    }));
     let mut seen = HashSet::new();
     for root in index.roots() {
         if Some(&root) == index.imagestreams.as_ref() {
@@ -53,12 +61,12 @@ pub fn reachable(layout: &Layout) -> Result<HashSet<Digest>, GcError> {
         }
         let (_, errors) = closure::walk_all(layout, &root, &mut seen);
         // A missing blob is no reason to stop (nothing to delete there); an
-        // unreadable manifest of ours is: what it references is unknown. A
-        // foreign descriptor need not point at a manifest: it is a leaf.
-        if let Some(e) = errors
-            .into_iter()
-            .find(|e| matches!(e, ClosureError::Unreadable { image, .. } if ours.contains(image)))
-        {
+        // unreadable manifest is: what it references is unknown (one over
+        // 4 MiB, damaged, or referencing sha512 blobs). A foreign descriptor
+        // of another media type need not point at a manifest: a leaf.
+        if let Some(e) = errors.into_iter().find(
+            |e| matches!(e, ClosureError::Unreadable { image, .. } if manifests.contains(image)),
+        ) {
             return Err(GcError::Unreadable(e));
         }
         seen.insert(root);
@@ -243,5 +251,43 @@ mod tests {
         assert!(at(&index.0) < at(&manifest.0), "{report:?}");
         assert!(at(&manifest.0) < at(&config.0), "{report:?}");
         assert!(at(&manifest.0) < at(&layer.0), "{report:?}");
+    }
+
+    #[test]
+    fn an_unreadable_foreign_manifest_stops_gc_and_an_unknown_descriptor_is_a_leaf() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open(dir.path(), Access::Write).unwrap();
+        let layer = put(&layout, b"a layer only another tool's manifest references");
+        let config = put(&layout, b"{}");
+        // Over the 4 MiB a manifest may have: gc cannot know what it
+        // references beyond this layer.
+        let manifest = put(
+            &layout,
+            json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
+                "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
+                "annotations": {"padding": "x".repeat(5 << 20)},
+            })
+            .to_string()
+            .as_bytes(),
+        );
+        let unused = put(&layout, b"referenced by nothing");
+        let mut index = layout.read_index().unwrap();
+        index.foreign = vec![descriptor(crate::manifest::OCI_MANIFEST, &manifest)];
+        layout.commit(&index).unwrap();
+        let e = gc(&layout, Duration::ZERO, false).unwrap_err().to_string();
+        assert!(e.contains(&manifest.0.to_string()), "{e}");
+        for d in [&layer.0, &config.0, &manifest.0, &unused.0] {
+            assert!(layout.has_blob(d), "{d} deleted");
+        }
+
+        // The same blob under a media type that is no manifest's: a leaf.
+        index.foreign = vec![descriptor("application/vnd.example.data", &manifest)];
+        layout.commit(&index).unwrap();
+        let report = gc(&layout, Duration::ZERO, false).unwrap();
+        assert!(layout.has_blob(&manifest.0));
+        assert!(!layout.has_blob(&unused.0), "{report:?}");
     }
 }
