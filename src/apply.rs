@@ -489,23 +489,14 @@ async fn apply_one(
     opts: &ApplyOptions,
 ) -> Result<Action, String> {
     let collection = format!("{IMAGE_API}/namespaces/{}/imagestreams", desired.namespace);
-    let key = desired.key();
-    let get = || {
-        kube::core::Request::new(collection.as_str())
-            .get(&desired.name, &GetParams::default())
-            .map_err(|e| e.to_string())
-    };
-    let resp = send_with_retry(client, get, &opts.retry)
-        .await
-        .map_err(|e| call_message("reading", &key, e))?;
-    let current = match resp.status {
-        StatusCode::OK => Some(
-            serde_json::from_slice::<Value>(&resp.body)
-                .map_err(|e| format!("reading ImageStream {key}: the answer is not JSON: {e}"))?,
-        ),
-        StatusCode::NOT_FOUND => None,
-        code => return Err(status_text("reading", &key, code, &resp.body)),
-    };
+    let current = get_stream(
+        client,
+        &desired.namespace,
+        &desired.name,
+        &opts.retry,
+        WRITE_RIGHTS,
+    )
+    .await?;
     match current {
         None if opts.dry_run => Ok(Action::WouldCreate),
         None => match create(client, &collection, desired, opts).await? {
@@ -524,6 +515,91 @@ async fn apply_one(
         }
     }
 }
+
+/// The rights `--apply-imagestreams` needs, named when they are missing.
+const WRITE_RIGHTS: &str = "get, create and patch";
+
+/// GETs one stream; `Ok(None)` when it does not exist. The error is the
+/// report's message, naming `rights` when the API refuses (403).
+async fn get_stream(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    retry: &RetryPolicy,
+    rights: &str,
+) -> Result<Option<Value>, String> {
+    let collection = format!("{IMAGE_API}/namespaces/{namespace}/imagestreams");
+    let key = format!("{namespace}/{name}");
+    let get = || {
+        kube::core::Request::new(collection.as_str())
+            .get(name, &GetParams::default())
+            .map_err(|e| e.to_string())
+    };
+    let resp = send_with_retry(client, get, retry)
+        .await
+        .map_err(|e| call_message("reading", &key, e))?;
+    match resp.status {
+        StatusCode::OK => serde_json::from_slice::<Value>(&resp.body)
+            .map(Some)
+            .map_err(|e| format!("reading ImageStream {key}: the answer is not JSON: {e}")),
+        StatusCode::NOT_FOUND => Ok(None),
+        code => Err(status_text("reading", &key, code, &resp.body, rights)),
+    }
+}
+
+/// The tag histories (`status.tags[].items[].image`, newest first) of the
+/// target streams `ns/name`, read through the API server before a restore
+/// pushes anything (`restore --keep-target-history`). A stream that does not
+/// exist has no tags; one that cannot be read is left out and named in the
+/// returned problems.
+pub async fn tag_histories(
+    client: &kube::Client,
+    streams: &std::collections::BTreeSet<(String, String)>,
+    retry: &RetryPolicy,
+) -> (TagHistories, Vec<String>) {
+    let mut out = TagHistories::new();
+    let mut problems = Vec::new();
+    for (ns, name) in streams {
+        let key = format!("{ns}/{name}");
+        let tags = get_stream(client, ns, name, retry, "get")
+            .await
+            .and_then(|v| {
+                let Some(v) = v else {
+                    return Ok(BTreeMap::new());
+                };
+                let status: ImageStreamStatus =
+                    serde_json::from_value(v.get("status").cloned().unwrap_or(Value::Null))
+                        .map_err(|e| format!("reading ImageStream {key}: its status: {e}"))?;
+                Ok(status
+                    .tags
+                    .into_iter()
+                    .map(|t| {
+                        let items = t
+                            .items
+                            .iter()
+                            .filter_map(|i| Digest::parse(&i.image).ok())
+                            .collect();
+                        (t.tag, items)
+                    })
+                    .collect())
+            });
+        match tags {
+            Ok(tags) => {
+                out.insert((ns.clone(), name.clone()), tags);
+            }
+            Err(message) => {
+                tracing::warn!(imagestream = %key, "{message}");
+                problems.push(format!(
+                    "{message}; its tags are restored without regard to the history there"
+                ));
+            }
+        }
+    }
+    (out, problems)
+}
+
+/// Target `(namespace, name)` -> tag -> image digests, newest first.
+pub type TagHistories = BTreeMap<(String, String), BTreeMap<String, Vec<Digest>>>;
 
 /// POSTs the new stream; `Ok(None)` when it already exists (409).
 async fn create(
@@ -546,7 +622,13 @@ async fn create(
     match resp.status {
         StatusCode::OK | StatusCode::CREATED | StatusCode::ACCEPTED => Ok(Some(Action::Created)),
         StatusCode::CONFLICT => Ok(None),
-        code => Err(status_text("creating", &key, code, &resp.body)),
+        code => Err(status_text(
+            "creating",
+            &key,
+            code,
+            &resp.body,
+            WRITE_RIGHTS,
+        )),
     }
 }
 
@@ -569,12 +651,18 @@ async fn patch(
         .map_err(|e| call_message("patching", &key, e))?;
     match resp.status {
         StatusCode::OK => Ok(Action::Patched),
-        code => Err(status_text("patching", &key, code, &resp.body)),
+        code => Err(status_text(
+            "patching",
+            &key,
+            code,
+            &resp.body,
+            WRITE_RIGHTS,
+        )),
     }
 }
 
 /// The message of an error status, with the rights needed on a 403.
-fn status_text(verb: &str, key: &str, code: StatusCode, body: &[u8]) -> String {
+fn status_text(verb: &str, key: &str, code: StatusCode, body: &[u8], rights: &str) -> String {
     let mut msg = format!(
         "{verb} ImageStream {key}: HTTP {}: {}",
         code.as_u16(),
@@ -583,7 +671,7 @@ fn status_text(verb: &str, key: &str, code: StatusCode, body: &[u8]) -> String {
     if code == StatusCode::FORBIDDEN {
         let ns = key.split('/').next().unwrap_or_default();
         msg.push_str(&format!(
-            "; the service account needs get, create and patch on imagestreams.image.openshift.io \
+            "; the service account needs {rights} on imagestreams.image.openshift.io \
              in namespace {ns} (e.g. the cluster role registry-editor)"
         ));
     }

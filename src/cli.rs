@@ -180,8 +180,16 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Re-apply archived ImageStream specs through the Kubernetes API.
+    /// Implies --keep-target-history.
     #[arg(long)]
     pub apply_imagestreams: bool,
+    /// Read the target ImageStreams through the Kubernetes API first: an
+    /// archived image already in a tag's history there gets its content
+    /// back by digest, without a new tag event, and only newer images are
+    /// pushed to the tag (a cluster that lost only its registry storage
+    /// keeps its history as it is).
+    #[arg(long)]
+    pub keep_target_history: bool,
     /// Registry options.
     #[command(flatten)]
     pub registry: RegistryArgs,

@@ -39,6 +39,26 @@ pub struct RestoreOptions {
     pub jobs: usize,
     /// Show progress on stderr.
     pub progress: bool,
+    /// Read the target ImageStreams' tag histories first
+    /// (`--keep-target-history`).
+    pub target_streams: Option<TargetStreams>,
+}
+
+/// Read access to the target cluster's ImageStreams.
+#[derive(Clone)]
+pub struct TargetStreams {
+    /// The API server.
+    pub client: kube::Client,
+    /// Retries and per-request timeout of the API calls.
+    pub retry: crate::discovery::RetryPolicy,
+}
+
+impl std::fmt::Debug for TargetStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetStreams")
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Parses `OLD=NEW` pairs.
@@ -68,11 +88,25 @@ pub(crate) struct Unit {
     pub(crate) tag: String,
     /// Oldest first; the last is the current image.
     pub(crate) events: Vec<Entry>,
+    /// The tag's history in the target ImageStream, newest first, when it
+    /// was read (`--keep-target-history`); empty when it has no such tag.
+    pub(crate) target_history: Option<Vec<Digest>>,
 }
 
 impl Unit {
     pub(crate) fn repo(&self) -> String {
         format!("{}/{}", self.target_namespace, self.stream)
+    }
+
+    fn failure(&self, e: &Entry, reason: String) -> Failure {
+        Failure {
+            namespace: self.target_namespace.clone(),
+            imagestream: self.stream.clone(),
+            tag: self.tag.clone(),
+            position: Some(e.position),
+            digest: Some(e.digest.clone()),
+            reason,
+        }
     }
 }
 
@@ -133,6 +167,7 @@ pub(crate) fn units(entries: &[Entry], opts: &RestoreOptions) -> (Vec<Unit>, Vec
                 stream,
                 tag,
                 events,
+                target_history: None,
             }
         })
         .collect();
@@ -474,81 +509,33 @@ impl Pusher {
 
     async fn restore_unit(&self, unit: &Unit, overwrite: bool) -> UnitResult {
         let mut result = UnitResult::default();
-        let repo = unit.repo();
-        let fail = |e: &Entry, reason: String| Failure {
-            namespace: unit.target_namespace.clone(),
-            imagestream: unit.stream.clone(),
-            tag: unit.tag.clone(),
-            position: Some(e.position),
-            digest: Some(e.digest.clone()),
-            reason,
-        };
-        let current = unit.events.last().expect("a unit has events");
-        let existing = match self.client.resolve(&repo, &unit.tag).await {
-            Ok(d) => d,
-            Err(e) => {
-                result.refused = e.is_config();
-                result.failures.push(fail(current, format!("{e:#}")));
-                return result;
+        let start = match unit.target_history.as_deref().filter(|h| !h.is_empty()) {
+            Some(history) => {
+                self.start_after_history(unit, history, overwrite, &mut result)
+                    .await
             }
+            None => self.start_from_tag(unit, overwrite, &mut result).await,
         };
-        // Where to start: a tag already at the current image is done; one
-        // at an archived history image of this tag resumes after it.
-        let start = match &existing {
-            None => 0,
-            Some(d) if d == &current.digest => {
-                result.skipped = unit.events.len();
-                return result;
-            }
-            Some(d) if overwrite => unit
-                .events
-                .iter()
-                .position(|e| &e.digest == d)
-                .map_or(0, |i| i + 1),
-            Some(d) => match unit.events.iter().position(|e| &e.digest == d) {
-                Some(i) => i + 1,
-                None => {
-                    result.conflict = Some(format!(
-                        "{repo}:{} points at {d}, not at the archived {}; left alone (use --overwrite)",
-                        unit.tag, current.digest
-                    ));
-                    return result;
-                }
-            },
+        let Some(start) = start else {
+            return result;
         };
-        result.skipped = start;
         // History is pushed in order. An image the archive cannot provide
         // (missing or corrupt there) is skipped: no re-run could push it. A
         // registry failure stops the tag, so that a re-run resumes in order
         // instead of leaving a hole in the history under a current tag.
+        let repo = unit.repo();
         let events = &unit.events[start..];
         for (i, e) in events.iter().enumerate() {
-            let failure = match self.push_closure(&repo, &e.digest, &mut result).await {
-                Ok((bytes, media_type)) => {
-                    if self.dry_run {
-                        result.pushed += 1;
-                        continue;
-                    }
-                    match self
-                        .client
-                        .push_manifest(&repo, &unit.tag, bytes, &media_type)
-                        .await
-                    {
-                        Ok(()) => {
-                            result.pushed += 1;
-                            continue;
-                        }
-                        Err(err) => PushError::Registry(format!("{err:#}")),
-                    }
-                }
-                Err(err) => err,
-            };
-            match failure {
-                PushError::Archive(reason) => result.failures.push(fail(e, reason)),
-                PushError::Registry(reason) => {
-                    result.failures.push(fail(e, reason));
+            match self
+                .push_image(&repo, &unit.tag, &e.digest, &mut result)
+                .await
+            {
+                Ok(()) => {}
+                Err(PushError::Archive(reason)) => result.failures.push(unit.failure(e, reason)),
+                Err(PushError::Registry(reason)) => {
+                    result.failures.push(unit.failure(e, reason));
                     for later in &events[i + 1..] {
-                        result.failures.push(fail(
+                        result.failures.push(unit.failure(
                             later,
                             format!(
                                 "not pushed: the older {} of {repo}:{} failed; a re-run resumes from there",
@@ -562,6 +549,160 @@ impl Pusher {
         }
         result
     }
+
+    /// Where to start pushing to the tag, from what the registry says it
+    /// points at: a tag already at the current image is done; one at an
+    /// archived history image of this tag resumes after it. `None`: nothing
+    /// to push (done, a conflict, or the registry failed).
+    async fn start_from_tag(
+        &self,
+        unit: &Unit,
+        overwrite: bool,
+        result: &mut UnitResult,
+    ) -> Option<usize> {
+        let repo = unit.repo();
+        let current = unit.events.last().expect("a unit has events");
+        let existing = match self.client.resolve(&repo, &unit.tag).await {
+            Ok(d) => d,
+            Err(e) => {
+                result.refused = e.is_config();
+                result
+                    .failures
+                    .push(unit.failure(current, format!("{e:#}")));
+                return None;
+            }
+        };
+        let start = match &existing {
+            None => 0,
+            Some(d) if d == &current.digest => {
+                result.skipped = unit.events.len();
+                return None;
+            }
+            Some(d) => match unit.events.iter().position(|e| &e.digest == d) {
+                Some(i) => i + 1,
+                None if overwrite => 0,
+                None => {
+                    result.conflict = Some(format!(
+                        "{repo}:{} points at {d}, not at the archived {}; left alone (use --overwrite)",
+                        unit.tag, current.digest
+                    ));
+                    return None;
+                }
+            },
+        };
+        result.skipped = start;
+        Some(start)
+    }
+
+    /// Where to start pushing to the tag when the target ImageStream's
+    /// history of it is known (`--keep-target-history`, newest first): the
+    /// archived images it already records get their content back by digest,
+    /// without a new tag event (a cluster that lost only its registry
+    /// storage keeps its history as it is), and only the newer ones are
+    /// pushed to the tag. An archived image the target's history no longer
+    /// has is left out: a push to the tag would move the tag.
+    async fn start_after_history(
+        &self,
+        unit: &Unit,
+        history: &[Digest],
+        overwrite: bool,
+        result: &mut UnitResult,
+    ) -> Option<usize> {
+        let repo = unit.repo();
+        let Some(start) = recorded_prefix(&unit.events, history) else {
+            if overwrite {
+                return Some(0);
+            }
+            let current = unit.events.last().expect("a unit has events");
+            result.conflict = Some(format!(
+                "{repo}:{} is at {} in its ImageStream, not at an archived image of this tag (the archived current is {}); left alone (use --overwrite)",
+                unit.tag, history[0], current.digest
+            ));
+            return None;
+        };
+        let mut done = std::collections::HashSet::new();
+        for e in &unit.events[..start] {
+            if !done.insert(&e.digest) {
+                result.skipped += 1;
+                continue;
+            }
+            if !history.contains(&e.digest) {
+                tracing::info!(
+                    tag = %format!("{repo}:{}", unit.tag),
+                    image = %e.digest,
+                    "not in the tag's history in the target ImageStream: left out"
+                );
+                result.skipped += 1;
+                continue;
+            }
+            let served = match self.client.resolve(&repo, &e.digest.to_string()).await {
+                Ok(d) => d.is_some(),
+                Err(err) => {
+                    result.refused = err.is_config();
+                    result.failures.push(unit.failure(e, format!("{err:#}")));
+                    if result.refused {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            if served {
+                result.skipped += 1;
+                continue;
+            }
+            if let Err(PushError::Archive(reason) | PushError::Registry(reason)) = self
+                .push_image(&repo, &e.digest.to_string(), &e.digest, result)
+                .await
+            {
+                result.failures.push(unit.failure(e, reason));
+            }
+        }
+        Some(start)
+    }
+
+    /// Pushes one image's closure, then its manifest under `reference` (the
+    /// tag, or the digest for content only).
+    async fn push_image(
+        &self,
+        repo: &str,
+        reference: &str,
+        image: &Digest,
+        result: &mut UnitResult,
+    ) -> Result<(), PushError> {
+        let (bytes, media_type) = self.push_closure(repo, image, result).await?;
+        if !self.dry_run {
+            self.client
+                .push_manifest(repo, reference, bytes, &media_type)
+                .await
+                .map_err(|err| PushError::Registry(format!("{err:#}")))?;
+        }
+        result.pushed += 1;
+        Ok(())
+    }
+}
+
+/// How many of the archived `events` (oldest first) the target's `history`
+/// (newest first) already ends with: the `k` whose `events[k - 1]` is the
+/// target's current image and whose older events match the target's
+/// history for longest (the earliest such `k` on a tie: after an
+/// interrupted restore of a history that repeats a digest, the target holds
+/// only the first pushes). `None` when the target's current image is not an
+/// archived image of the tag.
+fn recorded_prefix(events: &[Entry], history: &[Digest]) -> Option<usize> {
+    let current = history.first()?;
+    (1..=events.len())
+        .filter(|&k| &events[k - 1].digest == current)
+        .map(|k| {
+            let matched = events[..k]
+                .iter()
+                .rev()
+                .zip(history)
+                .take_while(|(e, h)| &e.digest == *h)
+                .count();
+            (k, matched)
+        })
+        .max_by_key(|&(k, matched)| (matched, std::cmp::Reverse(k)))
+        .map(|(k, _)| k)
 }
 
 /// Restores the archive's images into the registry; fills `report`.
@@ -584,10 +725,24 @@ pub async fn restore(
 /// adds the results to `report`.
 pub(crate) async fn run_units(
     pusher: Arc<Pusher>,
-    units: Vec<Unit>,
+    mut units: Vec<Unit>,
     opts: &RestoreOptions,
     report: &mut Report,
 ) {
+    if let Some(target) = &opts.target_streams {
+        let streams = units
+            .iter()
+            .map(|u| (u.target_namespace.clone(), u.stream.clone()))
+            .collect();
+        let (histories, problems) =
+            crate::apply::tag_histories(&target.client, &streams, &target.retry).await;
+        report.problems.extend(problems);
+        for u in &mut units {
+            if let Some(tags) = histories.get(&(u.target_namespace.clone(), u.stream.clone())) {
+                u.target_history = Some(tags.get(&u.tag).cloned().unwrap_or_default());
+            }
+        }
+    }
     let overwrite = opts.overwrite;
     let progress = Arc::new(transfer::Progress::default());
     let ticker = transfer::report_progress(
@@ -664,6 +819,38 @@ mod tests {
         assert!(parse_namespace_map(&["A=b".into()]).is_err());
         assert!(parse_namespace_map(&["a=b".into(), "a=c".into()]).is_err());
         assert!(parse_namespace_map(&["a=../x".into()]).is_err());
+    }
+
+    #[test]
+    fn the_recorded_prefix_follows_the_target_history() {
+        let d = |s: &str| Digest::of(s.as_bytes());
+        let events: Vec<Entry> = ["a", "b", "a", "c"]
+            .iter()
+            .map(|s| Entry {
+                namespace: "ns".into(),
+                stream: "app".into(),
+                tag: "latest".into(),
+                position: 0,
+                digest: d(s),
+                media_type: crate::manifest::OCI_MANIFEST.into(),
+                size: 1,
+                created: Default::default(),
+                reference: Default::default(),
+            })
+            .collect();
+        let h = |names: &[&str]| names.iter().map(|s| d(s)).collect::<Vec<_>>();
+        // Everything recorded: nothing goes to the tag.
+        assert_eq!(recorded_prefix(&events, &h(&["c", "a", "b", "a"])), Some(4));
+        // An interrupted restore into an empty stream: after the first `a`,
+        // not the second.
+        assert_eq!(recorded_prefix(&events, &h(&["a"])), Some(1));
+        assert_eq!(recorded_prefix(&events, &h(&["b", "a"])), Some(2));
+        assert_eq!(recorded_prefix(&events, &h(&["a", "b", "a"])), Some(3));
+        // Older history of the target's own below the archived events.
+        assert_eq!(recorded_prefix(&events, &h(&["b", "a", "x"])), Some(2));
+        // The tag is at an image the archive does not have for it.
+        assert_eq!(recorded_prefix(&events, &h(&["x", "c"])), None);
+        assert_eq!(recorded_prefix(&events, &[]), None);
     }
 
     #[test]

@@ -719,7 +719,9 @@ fn restore_applies_archived_specs_into_mapped_namespaces_never_status() {
         .collect();
     assert_eq!(actions, ["unchanged", "unchanged"], "{report}");
     assert_eq!(api.fake.imagestream_writes().len(), 2, "no new write");
-    assert_eq!(api.fake.requests().len(), n + 2, "two GETs only");
+    // Per stream, one GET for its tag history before the push, one before
+    // the apply.
+    assert_eq!(api.fake.requests().len(), n + 4, "GETs only");
 }
 
 #[test]
@@ -769,7 +771,8 @@ fn apply_dry_run_writes_nothing_and_refusals_are_reported() {
         .iter()
         .map(|r| r.method.clone())
         .collect();
-    assert_eq!(methods, ["GET"], "a dry run only reads");
+    // The tag history before the push, the object before the apply.
+    assert_eq!(methods, ["GET", "GET"], "a dry run only reads");
 
     // Writes refused: each stream is reported, the exit code says so.
     let api = Api::start(FakeKube::builder().forbid_imagestream_writes("team-b"));
@@ -816,4 +819,141 @@ fn apply_dry_run_writes_nothing_and_refusals_are_reported() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(c.count("PUT", ""), 0, "nothing pushed");
+}
+
+// ------------------------------------------------ restore onto kept history
+
+/// The manifest PUTs a registry received after `mark`, as `repo/manifests/REF`.
+fn manifest_puts_since(reg: &Registry, mark: usize) -> Vec<String> {
+    reg.requests_since(mark)
+        .into_iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("/manifests/"))
+        .map(|r| r.path.trim_start_matches("/v2/").to_string())
+        .collect()
+}
+
+#[test]
+fn a_cluster_that_lost_only_its_registry_storage_keeps_its_tag_history() {
+    let a = Registry::start();
+    let seeded = seed(&a, &["--preset", "small", "--history", "3"]);
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("archive");
+    common::run_ok(
+        0,
+        backup_args(
+            &archive,
+            &a,
+            &[
+                "--imagestreams-from",
+                &seeded.imagestreams.display().to_string(),
+            ],
+        ),
+    );
+    // A stream whose tags' images are all archived, one tag with history.
+    let items = seeded_items(&seeded);
+    let (stream, tag) = items
+        .iter()
+        .find_map(|is| {
+            let tags = is["status"]["tags"].as_array()?;
+            let all_archived = tags
+                .iter()
+                .flat_map(|t| t["items"].as_array().into_iter().flatten())
+                .all(|i| blob_present(&archive, i["image"].as_str().unwrap_or("sha256:0")));
+            let tag = tags
+                .iter()
+                .find(|t| t["items"].as_array().is_some_and(|i| i.len() >= 3))?;
+            all_archived.then(|| (is.clone(), tag["tag"].as_str().unwrap().to_string()))
+        })
+        .expect("a fully archived stream with a 3-deep tag history");
+    let repo = format!(
+        "{}/{}",
+        stream["metadata"]["namespace"].as_str().unwrap(),
+        stream["metadata"]["name"].as_str().unwrap()
+    );
+    let history: Vec<String> = stream["status"]["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tag"] == tag.as_str())
+        .unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["image"].as_str().unwrap().to_string())
+        .collect();
+    let flags = ["--keep-target-history", "--imagestream", repo.as_str()];
+
+    // The ImageStream survived (etcd), the registry's storage did not: every
+    // image comes back by digest, and no tag gets a new event.
+    let b = Registry::start();
+    let api = Api::start(FakeKube::builder().streams([stream.clone()]));
+    let mark = b.mark();
+    let report = api.run_code(0, &restore_args(&archive, &b, &flags)).json();
+    let puts = manifest_puts_since(&b, mark);
+    assert!(!puts.is_empty(), "{report}");
+    assert!(
+        puts.iter()
+            .all(|p| p.starts_with(&format!("{repo}/manifests/sha256:"))),
+        "only pushes by digest: {puts:?}"
+    );
+    for d in &history {
+        assert_eq!(
+            common::head_digest(&b, &repo, d).as_deref(),
+            Some(d.as_str())
+        );
+    }
+    assert_eq!(common::head_digest(&b, &repo, &tag), None, "{puts:?}");
+    // A second run finds every image served and pushes nothing.
+    let mark = b.mark();
+    let again = api.run_code(0, &restore_args(&archive, &b, &flags)).json();
+    assert_eq!(
+        manifest_puts_since(&b, mark),
+        Vec::<String>::new(),
+        "{again}"
+    );
+    assert_eq!(again["totals"]["images_new"], 0, "{again}");
+
+    // The target's history ends one image early (its newest event was
+    // lost): the older images come back by digest, the newest is pushed to
+    // the tag, once.
+    let mut older = stream.clone();
+    for t in older["status"]["tags"].as_array_mut().unwrap() {
+        if t["tag"] == tag.as_str() {
+            t["items"].as_array_mut().unwrap().remove(0);
+        }
+    }
+    let c = Registry::start();
+    let api = Api::start(FakeKube::builder().streams([older]));
+    let mark = c.mark();
+    let report = api.run_code(0, &restore_args(&archive, &c, &flags)).json();
+    let puts = manifest_puts_since(&c, mark);
+    let by_tag: Vec<&String> = puts
+        .iter()
+        .filter(|p| !p.contains("/manifests/sha256:"))
+        .collect();
+    assert_eq!(by_tag, [&format!("{repo}/manifests/{tag}")], "{report}");
+    assert_eq!(
+        common::head_digest(&c, &repo, &tag).as_deref(),
+        Some(history[0].as_str())
+    );
+    for d in &history[1..] {
+        assert_eq!(
+            common::head_digest(&c, &repo, d).as_deref(),
+            Some(d.as_str())
+        );
+    }
+
+    // Without the flag, the same restore pushes the whole history to the
+    // tag again (what a plain registry, or another cluster, needs).
+    let d = Registry::start();
+    let mark = d.mark();
+    api.run_code(
+        0,
+        &restore_args(&archive, &d, &["--imagestream", repo.as_str()]),
+    );
+    let to_tag = manifest_puts_since(&d, mark)
+        .into_iter()
+        .filter(|p| p == &format!("{repo}/manifests/{tag}"))
+        .count();
+    assert_eq!(to_tag, history.len());
 }

@@ -26,6 +26,15 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<i32> {
             )));
         }
     }
+    // Kubernetes access is checked before anything is pushed.
+    let kube = match args.keep_target_history || args.apply_imagestreams {
+        true => Some(
+            crate::discovery::client_from_env()
+                .await
+                .map_err(super::config_error)?,
+        ),
+        false => None,
+    };
     let opts = RestoreOptions {
         namespaces: args.namespaces.clone(),
         imagestreams: args.imagestreams.clone(),
@@ -34,21 +43,23 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<i32> {
         dry_run: args.dry_run,
         jobs: args.registry.jobs as usize,
         progress: super::progress_enabled(args.report.progress),
+        target_streams: kube.clone().map(|client| restore::TargetStreams {
+            client,
+            retry: Default::default(),
+        }),
     };
     let Some(archive) = &args.archive else {
         return super::export::restore_from(&args, &client, &settings.host, &opts, started).await;
     };
     let layout = Arc::new(Layout::open(archive, Access::Read).map_err(super::config_error)?);
-    // `--apply-imagestreams`: the archived objects and Kubernetes access are
-    // checked before anything is pushed.
-    let apply_to = match args.apply_imagestreams {
-        true => Some((
+    // `--apply-imagestreams`: the archived objects are checked before
+    // anything is pushed.
+    let apply_to = match kube.filter(|_| args.apply_imagestreams) {
+        Some(kube) => Some((
             apply::archived_streams(&layout).map_err(super::config_error)?,
-            crate::discovery::client_from_env()
-                .await
-                .map_err(super::config_error)?,
+            kube,
         )),
-        false => None,
+        None => None,
     };
     let mut report = Report {
         command: "restore".into(),
