@@ -633,10 +633,19 @@ pub fn is_valid_namespace(s: &str) -> bool {
     is_dns_label(s)
 }
 
-/// True for a valid ImageStream name: a DNS-1123 subdomain (labels of
-/// lowercase alphanumerics and '-' joined by '.', at most 253 characters).
+/// True for a valid ImageStream name, as OpenShift validates it: runs of
+/// lowercase alphanumerics joined by single '.', '_' or '-'
+/// (`[a-z0-9]+(?:[._-][a-z0-9]+)*`), at most 253 characters. `my_app` is
+/// one; a repository path component of the registry, and a `ref.name`
+/// component, either way.
 pub fn is_valid_stream_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+    s.len() <= 253
+        && s.split(['.', '_', '-']).all(|run| {
+            !run.is_empty()
+                && run
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        })
 }
 
 /// True for a tag of the OCI grammar `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
@@ -865,6 +874,8 @@ mod tests {
         for (ns, stream, tag) in [
             ("ns", "app", "latest"),
             ("team-a", "my-app.v2", "_v1.0-rc_1"),
+            ("team-a", "my_app", "v1"),
+            ("team-a", "a.b_c-d", "v1"),
             ("a", "b", "V"),
             ("n0", long_stream.as_str(), long_tag.as_str()),
         ] {
@@ -898,6 +909,10 @@ mod tests {
             ("ns", ".app", "v1", ".app"),
             ("ns", "app.", "v1", "app."),
             ("ns", "a..b", "v1", "a..b"),
+            ("ns", "a__b", "v1", "a__b"),
+            ("ns", "a--b", "v1", "a--b"),
+            ("ns", "a_", "v1", "a_"),
+            ("ns", "_a", "v1", "_a"),
             ("ns", "-app", "v1", "-app"),
             ("ns", "app:1", "v1", "app:1"),
             (
