@@ -28,8 +28,10 @@ use crate::index::{ArchiveIndex, Entry};
 use crate::layout::{Layout, LayoutError, MAX_MANIFEST_SIZE};
 use crate::manifest;
 
-/// Largest `index.json` or blob list read from a stream.
-const MAX_METADATA_SIZE: u64 = 256 * 1024 * 1024;
+/// Largest `index.json` or blob list read from a stream: what an archive
+/// may hold (an export ships its `index.json` as it is; 10,000 streams of
+/// 50 tag events make one of about 320 MiB).
+pub(crate) const MAX_METADATA_SIZE: u64 = crate::layout::MAX_INDEX_SIZE;
 
 /// Why reading or importing a stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -275,7 +277,8 @@ pub fn read_small(
             reason: format!("{size} bytes is more than the {limit} allowed"),
         });
     }
-    let mut data = Vec::with_capacity(size as usize);
+    // A header may claim more than the stream holds: grow as bytes come.
+    let mut data = Vec::with_capacity(size.min(64 << 20) as usize);
     reader
         .take(size)
         .read_to_end(&mut data)

@@ -27,7 +27,7 @@ pub const LOCK_FILE: &str = ".lock";
 /// Largest manifest or index the archiver will read into memory.
 pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 /// Largest `index.json` the archiver will read.
-const MAX_INDEX_SIZE: u64 = 16 << 30;
+pub const MAX_INDEX_SIZE: u64 = 16 << 30;
 
 /// Errors of the layout.
 #[derive(Debug, thiserror::Error)]

@@ -311,12 +311,12 @@ fn read_into<R: Read>(reader: R, tx: mpsc::Sender<Msg>) -> Result<(), ImportErro
                 import::read_small(r, size, 4096, "oci-layout")?;
             }
             Member::Index => {
-                let data = import::read_small(r, size, 256 << 20, "index.json")?;
+                let data = import::read_small(r, size, import::MAX_METADATA_SIZE, "index.json")?;
                 let _ = tx.blocking_send(Msg::Index(import::parse_index(&data)?));
                 has_index = true;
             }
             Member::BlobList => {
-                let data = import::read_small(r, size, 256 << 20, BLOB_LIST)?;
+                let data = import::read_small(r, size, import::MAX_METADATA_SIZE, BLOB_LIST)?;
                 let list = import::parse_blob_list(&data)?;
                 kinds = Some(
                     list.blobs
