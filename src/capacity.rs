@@ -52,12 +52,29 @@ pub fn round_up_gib(bytes: u64) -> u64 {
     bytes.div_ceil(GIB).saturating_mul(GIB)
 }
 
-/// The PVC size a plan needs: `(used + to_fetch) * (1 + headroom_pct/100)`,
-/// rounded up to whole GiB.
-pub fn needed_size(used: u64, to_fetch: u64, headroom_pct: u8) -> u64 {
-    let data = used as u128 + to_fetch as u128;
-    let with_headroom = (data * (100 + headroom_pct as u128)).div_ceil(100);
-    round_up_gib(u64::try_from(with_headroom).unwrap_or(u64::MAX))
+/// The PVC size a plan needs: the size at which the volume, once grown,
+/// holds `used + to_fetch` bytes and still has `headroom_pct` percent of
+/// itself free, as [`needs_growth`] counts it (so that the next run,
+/// unchanged, does not grow it again). Blocks the filesystem keeps from
+/// unprivileged writers (ext4's root reserve) are taken as the same share
+/// of the grown volume as they are now, and the filesystem's own metadata
+/// as up to 5% of its volume ([`grown_enough`]). Rounded up to whole GiB.
+pub fn needed_size(space: &FsSpace, to_fetch: u64, headroom_pct: u8) -> u64 {
+    let data = space.used as u128 + to_fetch as u128;
+    let kept = space
+        .total
+        .saturating_sub(space.used)
+        .saturating_sub(space.free) as u128;
+    let kept_pct = match space.total {
+        0 => 0,
+        total => (kept * 100).div_ceil(total as u128),
+    };
+    let usable_pct = 100u128
+        .saturating_sub(headroom_pct as u128 + kept_pct)
+        .max(5);
+    let filesystem = (data * 100).div_ceil(usable_pct);
+    let volume = (filesystem * 100).div_ceil(95);
+    round_up_gib(u64::try_from(volume).unwrap_or(u64::MAX))
 }
 
 /// True when downloading `to_fetch` bytes would leave less than
@@ -460,7 +477,7 @@ pub async fn ensure_capacity(
         return Ok(ResizeOutcome::NotNeeded { space });
     }
     let api = PvcApi { client, req };
-    let target = needed_size(space.used, req.to_fetch, req.headroom_pct);
+    let target = needed_size(&space, req.to_fetch, req.headroom_pct);
     let pvc = api.get_pvc().await?;
     let requested = requested_storage(&pvc)
         .map(parse_quantity)
@@ -828,13 +845,62 @@ mod tests {
 
     #[test]
     fn needed_size_adds_headroom_and_rounds_up() {
-        // (8 + 2) GiB * 1.2 = 12 GiB exactly
-        assert_eq!(needed_size(8 * GIB, 2 * GIB, 20), 12 * GIB);
-        // 10 GiB + 1 byte -> 13 GiB
-        assert_eq!(needed_size(8 * GIB, 2 * GIB + 1, 20), 13 * GIB);
-        assert_eq!(needed_size(0, 6 * MIB, 20), GIB);
-        assert_eq!(needed_size(5 * GIB, 0, 0), 5 * GIB);
-        assert_eq!(needed_size(u64::MAX, u64::MAX, 90), round_up_gib(u64::MAX));
+        let space = |total, used, free| FsSpace { total, used, free };
+        // 10 GiB of data, 80% usable: 12.5 GiB of filesystem, 13.16 GiB of
+        // volume -> 14 GiB.
+        assert_eq!(
+            needed_size(&space(10 * GIB, 8 * GIB, 2 * GIB), 2 * GIB, 20),
+            14 * GIB
+        );
+        // 19 GiB of data, 95% usable: exactly 20 GiB, then 21.05 -> 22 GiB.
+        assert_eq!(
+            needed_size(&space(10 * GIB, 9 * GIB, GIB), 10 * GIB, 5),
+            22 * GIB
+        );
+        // ext4's 5% reserve counts against the usable share: 75%.
+        let ext4 = space(100 * GIB, 50 * GIB, 45 * GIB);
+        assert_eq!(needed_size(&ext4, 40 * GIB, 20), 127 * GIB);
+        assert_eq!(needed_size(&space(GIB, 0, GIB), 6 * MIB, 20), GIB);
+        assert_eq!(needed_size(&space(0, 0, 0), 0, 0), 0);
+        assert_eq!(
+            needed_size(&space(u64::MAX, u64::MAX, 0), u64::MAX, 90),
+            round_up_gib(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn a_volume_grown_to_the_needed_size_needs_no_more() {
+        // Before: a volume with `kept` reserved blocks. After growing to the
+        // target: a filesystem 95-100% of it, the same share reserved, the
+        // same bytes used; the plan's bytes must then fit with the headroom.
+        for (total, used, kept, fetch, headroom) in [
+            (12 * GIB, 10 * GIB, 0, GIB / 2, 20),
+            (12 * GIB, 10 * GIB, 0, 0, 20),
+            (100 * GIB, 90 * GIB, 5 * GIB, 30 * GIB, 20),
+            (10 * GIB, 9 * GIB, GIB / 2, 500 * GIB, 50),
+            (GIB, GIB / 2, 0, 3 * GIB, 90),
+        ] {
+            let before = FsSpace {
+                total,
+                used,
+                free: total - used - kept,
+            };
+            let target = needed_size(&before, fetch, headroom);
+            for fs_pct in [95u64, 100] {
+                let grown = (target * fs_pct).div_ceil(100);
+                let reserved = (grown as u128 * kept as u128 / total as u128) as u64;
+                let after = FsSpace {
+                    total: grown,
+                    used,
+                    free: grown - used - reserved,
+                };
+                assert!(grown_enough(&after, target, fetch));
+                assert!(
+                    !needs_growth(&after, fetch, headroom),
+                    "{before:?} + {fetch} at {headroom}%: grown to {target}, {after:?}"
+                );
+            }
+        }
     }
 
     #[test]

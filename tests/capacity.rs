@@ -44,11 +44,19 @@ fn request(
 /// with the expected size in GiB.
 fn fetch_needing_growth(dir: &Path) -> (u64, u64) {
     let space = fs_space(dir).unwrap();
-    // At 20% headroom the needed size is (used + fetch) * 1.2.
-    let n = (space.used + space.free) * 12 / 10 / GIB + 2;
-    let data = (n * GIB + GIB / 2) * 10 / 12;
+    // At 20% headroom the needed size is (used + fetch) / usable / 0.95,
+    // usable being what the headroom and the filesystem's reserve leave.
+    let kept = space.total - space.used - space.free;
+    let usable = 100u64
+        .saturating_sub(20 + (kept * 100).div_ceil(space.total))
+        .max(5);
+    // Enough to fall under the headroom, then up to the middle of a GiB.
+    let least = space.free.saturating_sub(space.total / 5) + GIB;
+    let n = needed_size(&space, least, 20) / GIB + 1;
+    let data = ((n * GIB + GIB / 2) as u128 * 95 * usable as u128 / 10_000) as u64;
     let fetch = data - space.used;
-    assert_eq!(needed_size(space.used, fetch, 20), (n + 1) * GIB);
+    assert!(fetch >= least);
+    assert_eq!(needed_size(&space, fetch, 20), (n + 1) * GIB);
     (fetch, n + 1)
 }
 

@@ -174,7 +174,7 @@ async fn ensure_room(args: &BackupArgs, pvc: &str, to_fetch: u64) -> anyhow::Res
         if let Some(space) = space.filter(|s| capacity::needs_growth(s, to_fetch, args.headroom)) {
             tracing::info!(
                 pvc,
-                needed = %capacity::format_gib(capacity::needed_size(space.used, to_fetch, args.headroom)),
+                needed = %capacity::format_gib(capacity::needed_size(&space, to_fetch, args.headroom)),
                 "dry run: the PVC would be grown before downloading"
             );
         }
