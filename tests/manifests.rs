@@ -23,7 +23,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, Parser};
-use imagestream_archiver::cli::{Cli, Command};
+use imagestream_archiver::cli::{Cli, Command, Output};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{
     Container, PersistentVolumeClaim, Pod, PodSpec, PodTemplateSpec, Secret, ServiceAccount,
@@ -1031,17 +1031,15 @@ fn pre_backup_pod_reports_on_stdout_and_idles_between_backups() {
         // K8up splits the command into words and execs it without a shell.
         assert_eq!(shell_syntax(&words), Vec::<String>::new(), "{}", doc.at());
         let cli = parse_cli(&words).unwrap_or_else(|e| panic!("{}: {e}", doc.at()));
-        let Command::Backup(args) = &cli.command else {
-            panic!("{}: backupCommand is not a backup", doc.at());
+        // K8up runs it while restic walks the claim: it must not write (a
+        // commit between restic's listing of blobs/ and its read of
+        // index.json would leave an inconsistent snapshot). K8up stores
+        // stdout in the snapshot: the listing, as JSON.
+        let Command::List(args) = &cli.command else {
+            panic!("{}: backupCommand writes; it must only read", doc.at());
         };
-        // K8up stores stdout in the snapshot: the report must go there.
-        assert_eq!(
-            args.report.report,
-            None,
-            "{}: --report hides the report from K8up",
-            doc.at()
-        );
-        assert_eq!(args.pvc.as_deref(), Some(ARCHIVE_PVC), "{}", doc.at());
+        assert_eq!(args.archive, Path::new("/archive"), "{}", doc.at());
+        assert!(matches!(args.output, Output::Json), "{}", doc.at());
 
         // The pod is a Deployment replica that K8up execs into: its main
         // process must idle, not run (and end) a backup of its own.
@@ -1760,4 +1758,40 @@ fn containerfile_matches_the_manifests() {
         ignore, docker_ignore,
         ".dockerignore and .containerignore differ"
     );
+}
+
+/// `M H * * *` as minutes after midnight.
+fn daily_minute(cron: &str) -> u32 {
+    let f: Vec<&str> = cron.split_whitespace().collect();
+    assert!(
+        f.len() == 5 && f[2..] == ["*", "*", "*"],
+        "{cron:?}: a daily schedule `M H * * *` is expected"
+    );
+    f[1].parse::<u32>().expect("hour") * 60 + f[0].parse::<u32>().expect("minute")
+}
+
+#[test]
+fn the_nightly_backup_ends_before_k8up_snapshots_the_claim() {
+    // restic walks the claim in name order (blobs/ before index.json): a
+    // commit during the walk would leave an inconsistent snapshot. So the
+    // writing CronJob must be over, by its deadline, before the Schedule's
+    // backup starts, and its finished pods gone soon after.
+    let m = Manifests::load();
+    let (doc, cj) = &m.cron_jobs[0];
+    let spec = &cj.spec;
+    let job = spec.job_template.spec.as_ref().expect("job spec");
+    let deadline = job
+        .active_deadline_seconds
+        .unwrap_or_else(|| panic!("{}: no activeDeadlineSeconds", doc.at()));
+    let start = daily_minute(&spec.schedule);
+    let ends = start as i64 * 60 + deadline;
+    let k8up = daily_minute(m.k8up_of("Schedule")[0].str_at("/spec/backup/schedule"));
+    assert!(
+        ends < k8up as i64 * 60,
+        "{}: starts at minute {start}, may run until second {ends}, K8up starts at minute {k8up}",
+        doc.at()
+    );
+    assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
+    let ttl = job.ttl_seconds_after_finished.expect("ttlSecondsAfterFinished");
+    assert!(ends + ttl as i64 <= k8up as i64 * 60, "finished pods gone before K8up starts");
 }
