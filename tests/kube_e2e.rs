@@ -453,6 +453,15 @@ fn max_size_and_unexpandable_storage_class_refuse_before_any_download() {
         r.stderr
     );
     assert!(r.stderr.contains("isa/archive"), "{}", r.stderr);
+    // The report still comes out, saying nothing was committed and why.
+    let report = r.json();
+    assert_eq!(report["committed"], false, "{report}");
+    assert!(
+        report["problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("--max-size")),
+        "{report}"
+    );
     assert!(
         reg.count_since(mark, "GET", "/manifests/") > 0,
         "the plan was made"

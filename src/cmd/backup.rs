@@ -12,8 +12,36 @@ use crate::layout::{Access, Layout};
 use crate::registry::{RegistryClient, RegistrySettings};
 use crate::report::Report;
 
-/// Runs a backup.
+/// Runs a backup. A run that stops before its end (bad input, a refused
+/// resize, a registry refusing everything) still writes a report, with
+/// `committed: false` and the reason: a Job's `--report` file then never
+/// shows the previous run's success as the latest.
 pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
+    let mut reported = false;
+    let early = Report {
+        command: "backup".into(),
+        archive: args.archive.display().to_string(),
+        dry_run: args.dry_run,
+        ..Default::default()
+    };
+    let path = args.report.report.clone();
+    let result = run_reported(args, &mut reported).await;
+    match result {
+        Err(e) if !reported => {
+            let mut report = early;
+            report.committed = false;
+            report.problems.push(format!("{e:#}"));
+            if let Err(io) = report.emit(path.as_deref()) {
+                tracing::warn!("cannot write the report: {io}");
+            }
+            Err(e)
+        }
+        r => r,
+    }
+}
+
+/// [`run`], setting `reported` once the report is written.
+async fn run_reported(args: BackupArgs, reported: &mut bool) -> anyhow::Result<i32> {
     let started = Instant::now();
     let settings = RegistrySettings::from_args(&args.registry).map_err(super::config_error)?;
     let client = RegistryClient::new(&settings);
@@ -138,6 +166,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
     }
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "executed");
     backup::summarize(&plan, &mut report, args.dry_run);
+    *reported = true;
     let code = super::finish(
         report,
         &client.stats,
