@@ -343,6 +343,13 @@ impl StreamRecord {
             record.history_items += tag.items.len().saturating_sub(1);
             let tag_name: Arc<str> = tag.tag.as_ref().into();
             for (position, item) in tag.items.iter().enumerate() {
+                if item.image.is_empty() && !item.docker_image_reference.is_empty() {
+                    // A reference-only tag (`reference: true`, `oc tag
+                    // --reference`): the event names an image elsewhere and
+                    // no digest; there is nothing to archive but the spec,
+                    // which the archived object keeps.
+                    continue;
+                }
                 match Digest::parse(&item.image) {
                     Ok(digest) => {
                         let reference = &*item.docker_image_reference;
@@ -602,6 +609,20 @@ mod tests {
           {"created":"2024-01-01T00:00:00Z","dockerImageReference":"quay.io/x/y@sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","image":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","generation":1}]},
           {"tag":"empty","items":null,"conditions":[{"type":"ImportSuccess","status":"False"}]}]}},
       {"apiVersion":"image.openshift.io/v1","kind":"ImageStream","metadata":{"name":"bare","namespace":"ns"}}]}"#;
+
+    #[test]
+    fn a_reference_only_tag_event_is_no_image_and_no_failure() {
+        let raw = r#"{"kind":"ImageStream","metadata":{"name":"app","namespace":"ns"},
+          "spec":{"tags":[{"name":"ref","reference":true,"from":{"kind":"DockerImage","name":"quay.io/x/y:1"}}]},
+          "status":{"dockerImageRepository":"r/ns/app","tags":[
+            {"tag":"ref","items":[{"created":"2024-01-01T00:00:00Z","dockerImageReference":"quay.io/x/y:1","generation":1}]},
+            {"tag":"broken","items":[{"created":"2024-01-01T00:00:00Z","dockerImageReference":"","image":"","generation":1}]}]}}"#;
+        let r = StreamRecord::parse(raw, false).unwrap();
+        assert!(r.refs.is_empty());
+        // An item that names nothing at all is still reported.
+        assert_eq!(r.bad.len(), 1, "{:?}", r.bad);
+        assert!(r.bad[0].what.ends_with("ns/app:broken item 0"), "{:?}", r.bad);
+    }
 
     #[test]
     fn a_list_of_packed_objects_is_written_as_serde_writes_it() {
