@@ -621,7 +621,11 @@ mod tests {
         assert!(r.refs.is_empty());
         // An item that names nothing at all is still reported.
         assert_eq!(r.bad.len(), 1, "{:?}", r.bad);
-        assert!(r.bad[0].what.ends_with("ns/app:broken item 0"), "{:?}", r.bad);
+        assert!(
+            r.bad[0].what.ends_with("ns/app:broken item 0"),
+            "{:?}",
+            r.bad
+        );
     }
 
     #[test]

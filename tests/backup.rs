@@ -412,6 +412,21 @@ fn bad_input_is_a_clear_configuration_error() {
     ]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("absent.json"), "{}", r.stderr);
+    // A namespace that cannot exist is named before anything is read; the
+    // report says nothing was committed.
+    let r = run([
+        "backup",
+        "--archive",
+        archive.to_str().unwrap(),
+        "--imagestreams-from",
+        bad.to_str().unwrap(),
+        "--namespace",
+        "Team A",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--namespace \"Team A\""), "{}", r.stderr);
+    assert_eq!(r.json()["committed"], false, "{}", r.stdout);
+    assert!(!archive.exists());
 }
 
 #[test]

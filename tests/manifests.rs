@@ -1792,6 +1792,11 @@ fn the_nightly_backup_ends_before_k8up_snapshots_the_claim() {
         doc.at()
     );
     assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
-    let ttl = job.ttl_seconds_after_finished.expect("ttlSecondsAfterFinished");
-    assert!(ends + ttl as i64 <= k8up as i64 * 60, "finished pods gone before K8up starts");
+    let ttl = job
+        .ttl_seconds_after_finished
+        .expect("ttlSecondsAfterFinished");
+    assert!(
+        ends + ttl as i64 <= k8up as i64 * 60,
+        "finished pods gone before K8up starts"
+    );
 }

@@ -43,6 +43,15 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
 /// [`run`], setting `reported` once the report is written.
 async fn run_reported(args: BackupArgs, reported: &mut bool) -> anyhow::Result<i32> {
     let started = Instant::now();
+    if let Some(ns) = args
+        .namespaces
+        .iter()
+        .find(|ns| !crate::index::is_valid_namespace(ns))
+    {
+        return Err(super::config_error(anyhow::anyhow!(
+            "--namespace {ns:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"
+        )));
+    }
     let settings = RegistrySettings::from_args(&args.registry).map_err(super::config_error)?;
     let client = RegistryClient::new(&settings);
     let dopts = DiscoveryOptions {
@@ -87,6 +96,20 @@ async fn run_reported(args: BackupArgs, reported: &mut bool) -> anyhow::Result<i
         streams = discovered.streams.len(),
         "discovered"
     );
+    // An empty namespace and a mistyped one look the same to a list.
+    for ns in &args.namespaces {
+        let seen = discovered.streams.iter().any(|s| &*s.namespace == ns)
+            || discovered
+                .problems
+                .iter()
+                .any(|p| p.namespace.as_ref() == Some(ns));
+        if !seen {
+            tracing::warn!(
+                namespace = %ns,
+                "no ImageStreams in namespace {ns} (does it exist, and is it spelt right?)"
+            );
+        }
+    }
     let layout = match opened {
         Some(l) => l,
         None => Arc::new(open_layout(&args, scratch.path())?),
