@@ -296,6 +296,22 @@ pub enum CapacityError {
         /// The API server's message.
         message: String,
     },
+    /// The API server refused the operation (403) for another reason than
+    /// missing rights: a ResourceQuota or a LimitRange of the namespace.
+    #[error(
+        "{operation} for PVC {namespace}/{pvc} was refused: {message}; a ResourceQuota or \
+         LimitRange in {namespace} limits the claim: raise it, or keep --max-size under it"
+    )]
+    Refused {
+        /// What was being done.
+        operation: String,
+        /// Namespace.
+        namespace: String,
+        /// PVC name.
+        pvc: String,
+        /// The API server's message.
+        message: String,
+    },
     /// The PATCH was rejected as invalid (422).
     #[error("growing PVC {namespace}/{pvc} to {size} was rejected (422 Invalid): {message}")]
     PatchInvalid {
@@ -701,7 +717,16 @@ impl PvcApi<'_> {
             operation.to_string(),
         );
         let message = status_message(body);
-        if code == StatusCode::FORBIDDEN {
+        // RBAC says `User "..." cannot patch resource ...`; quota and
+        // LimitRange admission refuse with 403 too, naming themselves.
+        if code == StatusCode::FORBIDDEN && !message.contains(" cannot ") {
+            CapacityError::Refused {
+                operation,
+                namespace,
+                pvc,
+                message,
+            }
+        } else if code == StatusCode::FORBIDDEN {
             CapacityError::Forbidden {
                 operation,
                 namespace,

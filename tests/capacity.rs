@@ -250,6 +250,32 @@ async fn forbidden_patch_is_a_clear_error() {
 }
 
 #[tokio::test]
+async fn a_quota_refusal_is_named_as_such_not_as_missing_rights() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeKube::builder()
+        .pvc(NS, PVC, "gp3-csi", "1Gi")
+        .storage_class("gp3-csi", Some(true))
+        .pvc_patch_over_quota()
+        .start()
+        .await;
+    let client = fake.client().await;
+    let (fetch, _) = fetch_needing_growth(dir.path());
+    let err = ensure_capacity(
+        &client,
+        &request(dir.path(), fetch, None, Duration::from_secs(1)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, CapacityError::Refused { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("exceeded quota") && msg.contains("ResourceQuota"),
+        "{msg}"
+    );
+    assert!(!msg.contains("service account needs"), "{msg}");
+}
+
+#[tokio::test]
 async fn invalid_patch_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeKube::builder()

@@ -107,6 +107,8 @@ struct State {
     pvc_get_status: Option<u16>,
     /// Forced status for PVC PATCH (403, 422, ...).
     pvc_patch_status: Option<u16>,
+    /// PVC PATCHes answer 403 as a ResourceQuota does.
+    pvc_patch_over_quota: bool,
     patch_hook: Option<PatchHook>,
     /// Namespaces where ImageStream create/patch answers 403.
     stream_writes_forbidden: HashSet<String>,
@@ -188,6 +190,11 @@ impl FakeKubeBuilder {
     /// PVC PATCHes answer `code` with a Status (403, 422, ...).
     pub fn pvc_patch_status(mut self, code: u16) -> Self {
         self.state.pvc_patch_status = Some(code);
+        self
+    }
+    /// PVC PATCHes are refused by a storage ResourceQuota (403).
+    pub fn pvc_patch_over_quota(mut self) -> Self {
+        self.state.pvc_patch_over_quota = true;
         self
     }
     /// Runs `hook` after every accepted PVC PATCH.
@@ -738,6 +745,17 @@ impl FakeKube {
             let mut st = self.state.lock().unwrap();
             if let Some(code) = st.pvc_patch_status {
                 return forced_pvc_status(code, ns, name, "patch");
+            }
+            if st.pvc_patch_over_quota {
+                return status(
+                    403,
+                    "Forbidden",
+                    &format!(
+                        "persistentvolumeclaims \"{name}\" is forbidden: exceeded quota: storage, \
+                         requested: requests.storage=9Gi, used: requests.storage=1Gi, limited: requests.storage=5Gi"
+                    ),
+                    Some(json!({"name": name, "kind": "persistentvolumeclaims"})),
+                );
             }
             if rec.content_type.as_deref() != Some("application/merge-patch+json") {
                 return status(
