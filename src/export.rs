@@ -297,7 +297,6 @@ fn plan(
 
     // The ImageStream objects, filtered to the selected namespaces.
     if let Some(d) = &full.imagestreams {
-        let path = layout.blob_path(d);
         let bad = |reason: String| ExportError::ImageStreams {
             digest: d.clone(),
             reason,
@@ -315,7 +314,11 @@ fn plan(
             });
             index.imagestreams = Some(d.clone());
         } else {
-            let bytes = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+            // Checked against its digest: a damaged list is not shipped,
+            // nor hidden behind the digest of a filtered copy.
+            let bytes = layout
+                .read_blob_checked(d, crate::layout::MAX_INDEX_SIZE)
+                .map_err(|e| bad(e.to_string()))?;
             let streams = imagestream::parse_list(&bytes, "archived ImageStream list")
                 .map_err(|e| bad(e.to_string()))?;
             let kept: Vec<_> = streams

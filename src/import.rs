@@ -754,28 +754,23 @@ fn merge(
         (Some(a), Some(b)) if a == b => Some(a),
         (Some(old), Some(new)) => {
             let mut streams: BTreeMap<String, ImageStream> = BTreeMap::new();
-            for (d, required) in [(&old, false), (&new, true)] {
-                let path = layout.blob_path(d);
-                let parsed = std::fs::read(&path)
+            // Both checked against their digests. An archived list that is
+            // damaged or unreadable stops the import (nothing is committed):
+            // merging without it would drop the ImageStream objects of every
+            // namespace the stream does not carry.
+            for (d, which) in [(&old, "archived"), (&new, "incoming")] {
+                let list = layout
+                    .read_blob_checked(d, MAX_METADATA_SIZE)
                     .map_err(|e| e.to_string())
                     .and_then(|b| {
                         imagestream::parse_list(&b, "ImageStream list").map_err(|e| e.to_string())
-                    });
-                match parsed {
-                    Ok(list) => {
-                        for is in list {
-                            streams.insert(is.key(), is);
-                        }
-                    }
-                    Err(reason) if required => {
-                        return Err(ImportError::Metadata {
-                            file: format!("ImageStream list {d}"),
-                            reason,
-                        })
-                    }
-                    Err(reason) => {
-                        tracing::warn!(digest = %d, %reason, "archived ImageStream list unreadable; replaced by the incoming one")
-                    }
+                    })
+                    .map_err(|reason| ImportError::Metadata {
+                        file: format!("{which} ImageStream list {}", layout.blob_path(d).display()),
+                        reason: format!("{reason}; nothing was committed (run `verify`)"),
+                    })?;
+                for is in list {
+                    streams.insert(is.key(), is);
                 }
             }
             let list: Vec<ImageStream> = streams.into_values().collect();

@@ -275,13 +275,19 @@ impl Layout {
     /// against its digest: what is pushed, parsed or walked from it is
     /// what was archived.
     pub fn read_small_blob(&self, digest: &Digest) -> Result<Vec<u8>, LayoutError> {
+        self.read_blob_checked(digest, MAX_MANIFEST_SIZE)
+    }
+
+    /// Reads a blob of at most `limit` bytes whole (the ImageStream list),
+    /// checked against its digest.
+    pub fn read_blob_checked(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, LayoutError> {
         let path = self.blob_path(digest);
         let size = fs::metadata(&path).map_err(io_err("stat", &path))?.len();
-        if size > MAX_MANIFEST_SIZE {
+        if size > limit {
             return Err(LayoutError::TooLarge {
                 digest: digest.clone(),
                 size,
-                limit: MAX_MANIFEST_SIZE,
+                limit,
             });
         }
         let bytes = fs::read(&path).map_err(io_err("read", &path))?;

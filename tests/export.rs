@@ -535,3 +535,52 @@ fn a_corrupt_blob_is_not_exported() {
     );
     assert!(!out.exists(), "no stream left behind");
 }
+
+#[test]
+fn a_damaged_imagestream_list_is_neither_exported_filtered_nor_merged_over() {
+    let f = backed_up();
+    let team_a = f.work.path().join("team-a.tar.zst");
+    export_to(&f.archive, &team_a, &["--namespace", "team-a"]);
+    // The archived list, still valid JSON but no longer what its name says.
+    let index = std::fs::read(f.archive.join("index.json")).unwrap();
+    let list_digest = imagestream_archiver::index::ArchiveIndex::from_json(&index)
+        .unwrap()
+        .imagestreams
+        .expect("the archive holds an ImageStream list")
+        .to_string();
+    let path = f
+        .archive
+        .join("blobs/sha256")
+        .join(list_digest.strip_prefix("sha256:").unwrap());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("team-b"), "{text}");
+    std::fs::write(&path, text.replace("team-b", "team-x")).unwrap();
+
+    // A filtered export re-serializes the list: it must not hide the damage
+    // behind a fresh digest.
+    let out = f.work.path().join("filtered.tar.zst");
+    let r = run([
+        "export",
+        "--archive",
+        &s(&f.archive),
+        "-o",
+        &s(&out),
+        "--namespace",
+        "team-a",
+    ]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains(&list_digest[7..]), "{}", r.stderr);
+    assert!(!out.exists());
+
+    // An import that would merge ImageStream lists stops, committing nothing.
+    let before = std::fs::read(f.archive.join("index.json")).unwrap();
+    let r = run(["import", "-i", &s(&team_a), "--archive", &s(&f.archive)]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("archived ImageStream list")
+            && r.stderr.contains("nothing was committed"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read(f.archive.join("index.json")).unwrap(), before);
+}
