@@ -365,6 +365,18 @@ pub fn parse_blob_list(data: &[u8]) -> Result<BlobList, ImportError> {
     Ok(list)
 }
 
+/// Refuses a second copy of a metadata member: which one counts would be
+/// the stream's choice, not the reader's.
+pub(crate) fn only_once(already: bool, file: &str) -> Result<(), ImportError> {
+    match already {
+        false => Ok(()),
+        true => Err(ImportError::Metadata {
+            file: file.into(),
+            reason: "appears twice in the stream".into(),
+        }),
+    }
+}
+
 /// Unpacks the stream into `layout` and commits the merged index. Nothing is
 /// committed unless the whole stream was read and verified.
 pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImportStats, ImportError> {
@@ -375,9 +387,11 @@ pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImportStats, Import
     let mut received: HashSet<Digest> = HashSet::new();
     let mut listed_manifests: HashSet<Digest> = HashSet::new();
     let mut held = Held::default();
+    let mut has_layout = false;
     let totals = read_stream(reader, |member, r, size| {
         match member {
             Member::OciLayout => {
+                only_once(std::mem::replace(&mut has_layout, true), "oci-layout")?;
                 let data = read_small(r, size, 4096, "oci-layout")?;
                 let v: serde_json::Value =
                     serde_json::from_slice(&data).map_err(|e| ImportError::Metadata {
@@ -392,10 +406,12 @@ pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImportStats, Import
                 }
             }
             Member::Index => {
+                only_once(incoming.is_some(), "index.json")?;
                 let data = read_small(r, size, MAX_METADATA_SIZE, "index.json")?;
                 incoming = Some(parse_index(&data)?);
             }
             Member::BlobList => {
+                only_once(announced.is_some(), BLOB_LIST)?;
                 let data = read_small(r, size, MAX_METADATA_SIZE, BLOB_LIST)?;
                 let list = parse_blob_list(&data)?;
                 listed_manifests.extend(

@@ -311,11 +311,13 @@ fn read_into<R: Read>(reader: R, tx: mpsc::Sender<Msg>) -> Result<(), ImportErro
                 import::read_small(r, size, 4096, "oci-layout")?;
             }
             Member::Index => {
+                import::only_once(has_index, "index.json")?;
                 let data = import::read_small(r, size, import::MAX_METADATA_SIZE, "index.json")?;
                 let _ = tx.blocking_send(Msg::Index(import::parse_index(&data)?));
                 has_index = true;
             }
             Member::BlobList => {
+                import::only_once(kinds.is_some(), BLOB_LIST)?;
                 let data = import::read_small(r, size, import::MAX_METADATA_SIZE, BLOB_LIST)?;
                 let list = import::parse_blob_list(&data)?;
                 kinds = Some(

@@ -335,6 +335,30 @@ fn truncated_or_corrupt_streams_commit_nothing() {
         );
         no_tag_pushed(&f.list, &d);
     }
+
+    // A second index.json (another archive's) after the first: which one
+    // counts is not the stream's to choose.
+    let mut members = untar(&full);
+    let other = untar(&part)
+        .into_iter()
+        .find(|(p, _)| p == "index.json")
+        .unwrap();
+    let at = members.iter().position(|(p, _)| p == "index.json").unwrap();
+    members.insert(at + 1, other);
+    let doubled = f.work.path().join("doubled.tar.zst");
+    retar(&members, &doubled);
+    let r = run(["import", "-i", &s(&doubled), "--archive", &s(&target)]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("index.json") && r.stderr.contains("twice"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read(target.join("index.json")).unwrap(), before);
+    let r = run(restore_from_args(&s(&doubled), &d));
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("twice"), "{}", r.stderr);
+    no_tag_pushed(&f.list, &d);
     run_ok(0, ["verify", "--archive", &s(&target)]);
 }
 
