@@ -550,15 +550,13 @@ async fn get_stream(
 /// The tag histories (`status.tags[].items[].image`, newest first) of the
 /// target streams `ns/name`, read through the API server before a restore
 /// pushes anything (`restore --keep-target-history`). A stream that does not
-/// exist has no tags; one that cannot be read is left out and named in the
-/// returned problems.
+/// exist has no tags; one that cannot be read has the reason.
 pub async fn tag_histories(
     client: &kube::Client,
     streams: &std::collections::BTreeSet<(String, String)>,
     retry: &RetryPolicy,
-) -> (TagHistories, Vec<String>) {
+) -> TagHistories {
     let mut out = TagHistories::new();
-    let mut problems = Vec::new();
     for (ns, name) in streams {
         let key = format!("{ns}/{name}");
         let tags = get_stream(client, ns, name, retry, "get")
@@ -583,23 +581,17 @@ pub async fn tag_histories(
                     })
                     .collect())
             });
-        match tags {
-            Ok(tags) => {
-                out.insert((ns.clone(), name.clone()), tags);
-            }
-            Err(message) => {
-                tracing::warn!(imagestream = %key, "{message}");
-                problems.push(format!(
-                    "{message}; its tags are restored without regard to the history there"
-                ));
-            }
+        if let Err(message) = &tags {
+            tracing::warn!(imagestream = %key, "{message}; its tags are not pushed");
         }
+        out.insert((ns.clone(), name.clone()), tags);
     }
-    (out, problems)
+    out
 }
 
-/// Target `(namespace, name)` -> tag -> image digests, newest first.
-pub type TagHistories = BTreeMap<(String, String), BTreeMap<String, Vec<Digest>>>;
+/// Target `(namespace, name)` -> tag -> image digests, newest first, or why
+/// the stream could not be read.
+pub type TagHistories = BTreeMap<(String, String), Result<BTreeMap<String, Vec<Digest>>, String>>;
 
 /// POSTs the new stream; `Ok(None)` when it already exists (409).
 async fn create(

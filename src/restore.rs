@@ -89,8 +89,9 @@ pub(crate) struct Unit {
     /// Oldest first; the last is the current image.
     pub(crate) events: Vec<Entry>,
     /// The tag's history in the target ImageStream, newest first, when it
-    /// was read (`--keep-target-history`); empty when it has no such tag.
-    pub(crate) target_history: Option<Vec<Digest>>,
+    /// was read (`--keep-target-history`); empty when it has no such tag;
+    /// why not, when the stream could not be read.
+    pub(crate) target_history: Option<Result<Vec<Digest>, String>>,
 }
 
 impl Unit {
@@ -509,22 +510,34 @@ impl Pusher {
 
     async fn restore_unit(&self, unit: &Unit, overwrite: bool) -> UnitResult {
         let mut result = UnitResult::default();
-        let start = match unit.target_history.as_deref().filter(|h| !h.is_empty()) {
-            Some(history) => {
-                self.start_after_history(unit, history, overwrite, &mut result)
-                    .await
+        let events: Vec<&Entry> = match &unit.target_history {
+            Some(Err(reason)) => {
+                let current = unit.events.last().expect("a unit has events");
+                result.failures.push(unit.failure(
+                    current,
+                    format!("not pushed: {reason}; without the tag's history there, a push could duplicate it"),
+                ));
+                return result;
             }
-            None => self.start_from_tag(unit, overwrite, &mut result).await,
-        };
-        let Some(start) = start else {
-            return result;
+            Some(Ok(history)) if !history.is_empty() => {
+                match self
+                    .onto_history(unit, history, overwrite, &mut result)
+                    .await
+                {
+                    Some(events) => events,
+                    None => return result,
+                }
+            }
+            _ => match self.start_from_tag(unit, overwrite, &mut result).await {
+                Some(start) => unit.events[start..].iter().collect(),
+                None => return result,
+            },
         };
         // History is pushed in order. An image the archive cannot provide
         // (missing or corrupt there) is skipped: no re-run could push it. A
         // registry failure stops the tag, so that a re-run resumes in order
         // instead of leaving a hole in the history under a current tag.
         let repo = unit.repo();
-        let events = &unit.events[start..];
         for (i, e) in events.iter().enumerate() {
             match self
                 .push_image(&repo, &unit.tag, &e.digest, &mut result)
@@ -594,44 +607,66 @@ impl Pusher {
         Some(start)
     }
 
-    /// Where to start pushing to the tag when the target ImageStream's
-    /// history of it is known (`--keep-target-history`, newest first): the
-    /// archived images it already records get their content back by digest,
-    /// without a new tag event (a cluster that lost only its registry
-    /// storage keeps its history as it is), and only the newer ones are
-    /// pushed to the tag. An archived image the target's history no longer
-    /// has is left out: a push to the tag would move the tag.
-    async fn start_after_history(
+    /// The tag's history in the target ImageStream is known
+    /// (`--keep-target-history`, newest first). Every archived image it
+    /// records gets its content back by digest, without a new tag event (a
+    /// cluster that lost only its registry storage keeps its history as it
+    /// is, and images pinned by digest come back whatever the tag does).
+    /// Returns the archived images to push to the tag, oldest first:
+    /// - none when the target records the archived current image: the tag
+    ///   is where the archive left it or has moved on since (new images, a
+    ///   rollback), and is left alone;
+    /// - those after the target's current image when that is an archived
+    ///   image of the tag (the target is behind: an older etcd, or an
+    ///   interrupted restore);
+    /// - otherwise a conflict, or with `--overwrite` the images it does not
+    ///   record.
+    ///
+    /// An archived image the target's history does not record and that is
+    /// not pushed to the tag is left out: a push to the tag would move it.
+    /// `None` when the registry refused for credentials or permissions.
+    async fn onto_history<'u>(
         &self,
-        unit: &Unit,
+        unit: &'u Unit,
         history: &[Digest],
         overwrite: bool,
         result: &mut UnitResult,
-    ) -> Option<usize> {
+    ) -> Option<Vec<&'u Entry>> {
         let repo = unit.repo();
-        let Some(start) = recorded_prefix(&unit.events, history) else {
-            if overwrite {
-                return Some(0);
+        let current = unit.events.last().expect("a unit has events");
+        let recorded = |e: &Entry| history.contains(&e.digest);
+        let to_tag: Vec<usize> = if recorded(current) {
+            Vec::new()
+        } else {
+            match recorded_prefix(&unit.events, history) {
+                Some(k) => (k..unit.events.len()).collect(),
+                None if overwrite => (0..unit.events.len())
+                    .filter(|&i| !recorded(&unit.events[i]))
+                    .collect(),
+                None => {
+                    result.conflict = Some(format!(
+                        "{repo}:{} is at {} in its ImageStream, not at an archived image of this tag (the archived current is {}); its recorded images are restored by digest, the tag is left alone (use --overwrite)",
+                        unit.tag, history[0], current.digest
+                    ));
+                    Vec::new()
+                }
             }
-            let current = unit.events.last().expect("a unit has events");
-            result.conflict = Some(format!(
-                "{repo}:{} is at {} in its ImageStream, not at an archived image of this tag (the archived current is {}); left alone (use --overwrite)",
-                unit.tag, history[0], current.digest
-            ));
-            return None;
         };
         let mut done = std::collections::HashSet::new();
-        for e in &unit.events[..start] {
-            if !done.insert(&e.digest) {
-                result.skipped += 1;
+        for (i, e) in unit.events.iter().enumerate() {
+            if to_tag.contains(&i) {
                 continue;
             }
-            if !history.contains(&e.digest) {
+            if !recorded(e) {
                 tracing::info!(
                     tag = %format!("{repo}:{}", unit.tag),
                     image = %e.digest,
                     "not in the tag's history in the target ImageStream: left out"
                 );
+                result.skipped += 1;
+                continue;
+            }
+            if !done.insert(&e.digest) {
                 result.skipped += 1;
                 continue;
             }
@@ -657,7 +692,7 @@ impl Pusher {
                 result.failures.push(unit.failure(e, reason));
             }
         }
-        Some(start)
+        Some(to_tag.into_iter().map(|i| &unit.events[i]).collect())
     }
 
     /// Pushes one image's closure, then its manifest under `reference` (the
@@ -734,13 +769,13 @@ pub(crate) async fn run_units(
             .iter()
             .map(|u| (u.target_namespace.clone(), u.stream.clone()))
             .collect();
-        let (histories, problems) =
-            crate::apply::tag_histories(&target.client, &streams, &target.retry).await;
-        report.problems.extend(problems);
+        let histories = crate::apply::tag_histories(&target.client, &streams, &target.retry).await;
         for u in &mut units {
-            if let Some(tags) = histories.get(&(u.target_namespace.clone(), u.stream.clone())) {
-                u.target_history = Some(tags.get(&u.tag).cloned().unwrap_or_default());
-            }
+            let key = (u.target_namespace.clone(), u.stream.clone());
+            u.target_history = histories.get(&key).map(|tags| match tags {
+                Ok(tags) => Ok(tags.get(&u.tag).cloned().unwrap_or_default()),
+                Err(reason) => Err(reason.clone()),
+            });
         }
     }
     let overwrite = opts.overwrite;

@@ -952,6 +952,60 @@ fn a_cluster_that_lost_only_its_registry_storage_keeps_its_tag_history() {
         );
     }
 
+    // The tag moved on after the backup (a new image, or a rollback to an
+    // older one): the archived images come back by digest, the tag is left
+    // where the cluster has it.
+    let fake_new = format!("sha256:{}", "d".repeat(64));
+    for (label, head) in [
+        ("a newer image", fake_new.clone()),
+        ("a rollback", history[2].clone()),
+    ] {
+        let mut ahead = stream.clone();
+        for t in ahead["status"]["tags"].as_array_mut().unwrap() {
+            if t["tag"] == tag.as_str() {
+                let mut first = t["items"][0].clone();
+                first["image"] = json!(head);
+                first["dockerImageReference"] = json!(format!("x/{repo}@{head}"));
+                t["items"].as_array_mut().unwrap().insert(0, first);
+            }
+        }
+        let e = Registry::start();
+        let api = Api::start(FakeKube::builder().streams([ahead]));
+        let mark = e.mark();
+        let report = api.run_code(0, &restore_args(&archive, &e, &flags)).json();
+        let puts = manifest_puts_since(&e, mark);
+        assert!(
+            puts.iter().all(|p| p.contains("/manifests/sha256:")),
+            "{label}: nothing pushed to a tag: {puts:?}"
+        );
+        for d in &history {
+            assert_eq!(
+                common::head_digest(&e, &repo, d).as_deref(),
+                Some(d.as_str()),
+                "{label}"
+            );
+        }
+        assert_eq!(report["totals"]["images_failed"], 0, "{label}: {report}");
+        assert!(
+            !report.to_string().contains("conflict"),
+            "{label}: {report}"
+        );
+    }
+
+    // The stream cannot be read: its tags are not pushed (a push could
+    // duplicate the history there), and the run says so.
+    let f = Registry::start();
+    let ns = repo.split('/').next().unwrap();
+    let api = Api::start(
+        FakeKube::builder()
+            .streams([stream.clone()])
+            .forbid_namespace(ns),
+    );
+    let mark = f.mark();
+    let r = api.run_code(1, &restore_args(&archive, &f, &flags));
+    assert_eq!(manifest_puts_since(&f, mark), Vec::<String>::new());
+    assert!(r.stdout.contains("403"), "{}", r.stdout);
+
     // Without the flag, the same restore pushes the whole history to the
     // tag again (what a plain registry, or another cluster, needs).
     let d = Registry::start();
