@@ -29,11 +29,15 @@ fn main() {
                 }
             },
             _ = term.recv() => {
-                eprintln!("error: stopped by SIGTERM; the archive keeps its last committed state");
+                let why = "stopped by SIGTERM; the archive keeps its last committed state";
+                cmd::report_stopped(why);
+                eprintln!("error: {why}");
                 EXIT_INTERRUPTED
             }
             _ = tokio::signal::ctrl_c() => {
-                eprintln!("error: interrupted; the archive keeps its last committed state");
+                let why = "interrupted; the archive keeps its last committed state";
+                cmd::report_stopped(why);
+                eprintln!("error: {why}");
                 EXIT_INTERRUPTED
             }
         }

@@ -150,6 +150,15 @@ fn sigterm_stops_cleanly_with_its_own_exit_code() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("SIGTERM"));
+    // The report still comes out (a Job's deadline ends a run this way),
+    // saying nothing was committed and why.
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["committed"], false, "{report}");
+    assert!(
+        report["problems"][0].as_str().unwrap().contains("SIGTERM"),
+        "{report}"
+    );
     if archive.join("oci-layout").exists() {
         verify_ok(&archive);
     }

@@ -17,7 +17,6 @@ use crate::report::Report;
 /// `committed: false` and the reason: a Job's `--report` file then never
 /// shows the previous run's success as the latest.
 pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
-    let mut reported = false;
     let early = Report {
         command: "backup".into(),
         archive: args.archive.display().to_string(),
@@ -25,10 +24,12 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
         ..Default::default()
     };
     let path = args.report.report.clone();
-    let result = run_reported(args, &mut reported).await;
-    match result {
-        Err(e) if !reported => {
-            let mut report = early;
+    // Until the run writes its own report, a signal writes this one.
+    *super::STOPPED_REPORT.lock().expect("report lock") = Some((early, path));
+    let result = run_reported(args).await;
+    let unreported = super::STOPPED_REPORT.lock().expect("report lock").take();
+    match (result, unreported) {
+        (Err(e), Some((mut report, path))) => {
             report.committed = false;
             report.problems.push(format!("{e:#}"));
             if let Err(io) = report.emit(path.as_deref()) {
@@ -36,12 +37,13 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
             }
             Err(e)
         }
-        r => r,
+        (r, _) => r,
     }
 }
 
-/// [`run`], setting `reported` once the report is written.
-async fn run_reported(args: BackupArgs, reported: &mut bool) -> anyhow::Result<i32> {
+/// [`run`]; takes the stand-in report of a stopped run once it writes its
+/// own.
+async fn run_reported(args: BackupArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     if let Some(ns) = args
         .namespaces
@@ -189,7 +191,7 @@ async fn run_reported(args: BackupArgs, reported: &mut bool) -> anyhow::Result<i
     }
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "executed");
     backup::summarize(&plan, &mut report, args.dry_run);
-    *reported = true;
+    super::STOPPED_REPORT.lock().expect("report lock").take();
     let code = super::finish(
         report,
         &client.stats,

@@ -18,6 +18,26 @@ pub struct Exit {
     pub message: String,
 }
 
+/// The report a backup writes if it is stopped (SIGTERM, a Job's deadline,
+/// Ctrl-C) before it wrote its own, and where: set while a backup runs.
+static STOPPED_REPORT: std::sync::Mutex<
+    Option<(crate::report::Report, Option<std::path::PathBuf>)>,
+> = std::sync::Mutex::new(None);
+
+/// Writes the report of a run stopped by a signal, if one is running, with
+/// `committed: false` and `why`: a `--report` file then never shows an
+/// earlier run's success as the latest.
+pub fn report_stopped(why: &str) {
+    let taken = STOPPED_REPORT.lock().map(|mut r| r.take());
+    if let Ok(Some((mut report, path))) = taken {
+        report.committed = false;
+        report.problems.push(why.to_string());
+        if let Err(e) = report.emit(path.as_deref()) {
+            eprintln!("error: cannot write the report: {e}");
+        }
+    }
+}
+
 /// Marks an error as a configuration, auth or permission problem (exit 2).
 pub fn config_error(e: impl Into<anyhow::Error>) -> anyhow::Error {
     anyhow::Error::new(Exit {
