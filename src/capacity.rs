@@ -717,9 +717,12 @@ impl PvcApi<'_> {
             operation.to_string(),
         );
         let message = status_message(body);
-        // RBAC says `User "..." cannot patch resource ...`; quota and
-        // LimitRange admission refuse with 403 too, naming themselves.
-        if code == StatusCode::FORBIDDEN && !message.contains(" cannot ") {
+        // Quota and LimitRange admission refuse with 403 too, in their own
+        // words; anything else forbidden is taken as missing rights.
+        let limited = ["exceeded quota", "per PersistentVolumeClaim is", "LimitRange"]
+            .iter()
+            .any(|m| message.contains(m));
+        if code == StatusCode::FORBIDDEN && limited {
             CapacityError::Refused {
                 operation,
                 namespace,

@@ -133,11 +133,6 @@ pub(crate) async fn restore_from(
             "restore needs --archive DIR or --from FILE"
         ))
     })?;
-    if args.apply_imagestreams {
-        return Err(super::config_error(anyhow::anyhow!(
-            "--apply-imagestreams needs --archive DIR (import the stream first)"
-        )));
-    }
     let (reader, _) = open_input(from)?;
     let mut report = crate::report::Report {
         command: "restore".into(),

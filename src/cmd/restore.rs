@@ -26,6 +26,11 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<i32> {
             )));
         }
     }
+    if args.archive.is_none() && args.apply_imagestreams {
+        return Err(super::config_error(anyhow::anyhow!(
+            "--apply-imagestreams needs --archive DIR (import the stream first)"
+        )));
+    }
     // Kubernetes access is checked before anything is pushed.
     let kube = match args.keep_target_history || args.apply_imagestreams {
         true => Some(
