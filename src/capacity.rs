@@ -719,9 +719,13 @@ impl PvcApi<'_> {
         let message = status_message(body);
         // Quota and LimitRange admission refuse with 403 too, in their own
         // words; anything else forbidden is taken as missing rights.
-        let limited = ["exceeded quota", "per PersistentVolumeClaim is", "LimitRange"]
-            .iter()
-            .any(|m| message.contains(m));
+        let limited = [
+            "exceeded quota",
+            "per PersistentVolumeClaim is",
+            "LimitRange",
+        ]
+        .iter()
+        .any(|m| message.contains(m));
         if code == StatusCode::FORBIDDEN && limited {
             CapacityError::Refused {
                 operation,

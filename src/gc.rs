@@ -212,23 +212,30 @@ mod tests {
         json!({"mediaType": media_type, "digest": d.to_string(), "size": size})
     }
 
+    /// An OCI image manifest of one config and one layer.
+    fn manifest_of(
+        config: &(Digest, u64),
+        layer: &(Digest, u64),
+        annotations: serde_json::Value,
+    ) -> Vec<u8> {
+        json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+            "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", layer)],
+            "annotations": annotations,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
     #[test]
     fn indexes_go_before_their_manifests_and_manifests_before_their_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::open(dir.path(), Access::Write).unwrap();
         let layer = put(&layout, b"layer bytes");
         let config = put(&layout, b"{\"architecture\":\"amd64\",\"os\":\"linux\"}");
-        let manifest = put(
-            &layout,
-            json!({
-                "schemaVersion": 2,
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
-                "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
-            })
-            .to_string()
-            .as_bytes(),
-        );
+        let manifest = put(&layout, &manifest_of(&config, &layer, json!({})));
         // An index whose digest sorts after its child's: the order below is
         // not the digests'.
         let index = (0..)
@@ -261,18 +268,8 @@ mod tests {
         let config = put(&layout, b"{}");
         // Over the 4 MiB a manifest may have: gc cannot know what it
         // references beyond this layer.
-        let manifest = put(
-            &layout,
-            json!({
-                "schemaVersion": 2,
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
-                "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
-                "annotations": {"padding": "x".repeat(5 << 20)},
-            })
-            .to_string()
-            .as_bytes(),
-        );
+        let padding = json!({"padding": "x".repeat(5 << 20)});
+        let manifest = put(&layout, &manifest_of(&config, &layer, padding));
         let unused = put(&layout, b"referenced by nothing");
         let mut index = layout.read_index().unwrap();
         index.foreign = vec![descriptor(crate::manifest::OCI_MANIFEST, &manifest)];

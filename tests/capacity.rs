@@ -67,6 +67,31 @@ fn patches(fake: &FakeKube) -> Vec<fake_kube::Recorded> {
         .collect()
 }
 
+/// The error of growing a 1Gi claim of an expandable class whose PATCH the
+/// fake answers as `refuse` sets it up to, the fake, and the size asked for
+/// in GiB.
+async fn refused_growth(
+    refuse: impl FnOnce(fake_kube::FakeKubeBuilder) -> fake_kube::FakeKubeBuilder,
+) -> (CapacityError, FakeKube, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = refuse(
+        FakeKube::builder()
+            .pvc(NS, PVC, "gp3-csi", "1Gi")
+            .storage_class("gp3-csi", Some(true)),
+    )
+    .start()
+    .await;
+    let client = fake.client().await;
+    let (fetch, gib) = fetch_needing_growth(dir.path());
+    let err = ensure_capacity(
+        &client,
+        &request(dir.path(), fetch, None, Duration::from_secs(1)),
+    )
+    .await
+    .unwrap_err();
+    (err, fake, gib)
+}
+
 #[tokio::test]
 async fn patch_is_an_exact_merge_patch_in_whole_gib_then_waits_and_times_out() {
     let dir = tempfile::tempdir().unwrap();
@@ -221,21 +246,7 @@ async fn max_size_refuses_before_any_patch_and_says_how_much_is_needed() {
 
 #[tokio::test]
 async fn forbidden_patch_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = FakeKube::builder()
-        .pvc(NS, PVC, "gp3-csi", "1Gi")
-        .storage_class("gp3-csi", Some(true))
-        .pvc_patch_status(403)
-        .start()
-        .await;
-    let client = fake.client().await;
-    let (fetch, _) = fetch_needing_growth(dir.path());
-    let err = ensure_capacity(
-        &client,
-        &request(dir.path(), fetch, None, Duration::from_secs(1)),
-    )
-    .await
-    .unwrap_err();
+    let (err, fake, _) = refused_growth(|b| b.pvc_patch_status(403)).await;
     assert!(matches!(err, CapacityError::Forbidden { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(
@@ -251,21 +262,7 @@ async fn forbidden_patch_is_a_clear_error() {
 
 #[tokio::test]
 async fn a_quota_refusal_is_named_as_such_not_as_missing_rights() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = FakeKube::builder()
-        .pvc(NS, PVC, "gp3-csi", "1Gi")
-        .storage_class("gp3-csi", Some(true))
-        .pvc_patch_over_quota()
-        .start()
-        .await;
-    let client = fake.client().await;
-    let (fetch, _) = fetch_needing_growth(dir.path());
-    let err = ensure_capacity(
-        &client,
-        &request(dir.path(), fetch, None, Duration::from_secs(1)),
-    )
-    .await
-    .unwrap_err();
+    let (err, _fake, _) = refused_growth(|b| b.pvc_patch_over_quota()).await;
     assert!(matches!(err, CapacityError::Refused { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(
@@ -277,21 +274,7 @@ async fn a_quota_refusal_is_named_as_such_not_as_missing_rights() {
 
 #[tokio::test]
 async fn invalid_patch_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = FakeKube::builder()
-        .pvc(NS, PVC, "gp3-csi", "1Gi")
-        .storage_class("gp3-csi", Some(true))
-        .pvc_patch_status(422)
-        .start()
-        .await;
-    let client = fake.client().await;
-    let (fetch, gib) = fetch_needing_growth(dir.path());
-    let err = ensure_capacity(
-        &client,
-        &request(dir.path(), fetch, None, Duration::from_secs(1)),
-    )
-    .await
-    .unwrap_err();
+    let (err, _fake, gib) = refused_growth(|b| b.pvc_patch_status(422)).await;
     assert!(matches!(err, CapacityError::PatchInvalid { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains(&format!("backup/archive to {gib}Gi")), "{msg}");

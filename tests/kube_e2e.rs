@@ -843,24 +843,12 @@ fn manifest_puts_since(reg: &Registry, mark: usize) -> Vec<String> {
 
 #[test]
 fn a_cluster_that_lost_only_its_registry_storage_keeps_its_tag_history() {
-    let a = Registry::start();
-    let seeded = seed(&a, &["--preset", "small", "--history", "3"]);
-    let work = tempfile::tempdir().unwrap();
-    let archive = work.path().join("archive");
-    common::run_ok(
-        0,
-        backup_args(
-            &archive,
-            &a,
-            &[
-                "--imagestreams-from",
-                &seeded.imagestreams.display().to_string(),
-            ],
-        ),
-    );
+    let backed = common::backed_up(&["--preset", "small", "--history", "3"]);
+    let archive = backed.archive.clone();
     // A stream whose tags' images are all archived, one tag with history.
-    let items = seeded_items(&seeded);
-    let (stream, tag) = items
+    let (stream, tag) = backed.list["items"]
+        .as_array()
+        .unwrap()
         .iter()
         .find_map(|is| {
             let tags = is["status"]["tags"].as_array()?;
