@@ -556,37 +556,48 @@ pub async fn tag_histories(
     streams: &std::collections::BTreeSet<(String, String)>,
     retry: &RetryPolicy,
 ) -> TagHistories {
-    let mut out = TagHistories::new();
-    for (ns, name) in streams {
-        let key = format!("{ns}/{name}");
-        let tags = get_stream(client, ns, name, retry, "get")
-            .await
-            .and_then(|v| {
-                let Some(v) = v else {
-                    return Ok(BTreeMap::new());
-                };
-                let status: ImageStreamStatus =
-                    serde_json::from_value(v.get("status").cloned().unwrap_or(Value::Null))
-                        .map_err(|e| format!("reading ImageStream {key}: its status: {e}"))?;
-                Ok(status
-                    .tags
-                    .into_iter()
-                    .map(|t| {
-                        let items = t
-                            .items
-                            .iter()
-                            .filter_map(|i| Digest::parse(&i.image).ok())
-                            .collect();
-                        (t.tag, items)
-                    })
-                    .collect())
-            });
-        if let Err(message) = &tags {
-            tracing::warn!(imagestream = %key, "{message}; its tags are not pushed");
-        }
-        out.insert((ns.clone(), name.clone()), tags);
-    }
-    out
+    use futures::StreamExt;
+    // Several GETs in flight: thousands of streams would otherwise wait
+    // one round trip each before the first push.
+    futures::stream::iter(streams)
+        .map(|(ns, name)| async move {
+            let key = format!("{ns}/{name}");
+            let tags = get_stream(client, ns, name, retry, "get")
+                .await
+                .and_then(|v| match v {
+                    Some(v) => tags_of(&key, &v),
+                    None => Ok(BTreeMap::new()),
+                });
+            if let Err(message) = &tags {
+                tracing::warn!(imagestream = %key, "{message}; its tags are not pushed");
+            }
+            ((ns.clone(), name.clone()), tags)
+        })
+        .buffer_unordered(HISTORY_READS)
+        .collect()
+        .await
+}
+
+/// ImageStream GETs [`tag_histories`] keeps in flight.
+const HISTORY_READS: usize = 16;
+
+/// tag -> image digests, newest first, of one ImageStream object.
+fn tags_of(key: &str, is: &Value) -> Result<BTreeMap<String, Vec<Digest>>, String> {
+    let status: ImageStreamStatus =
+        serde_json::from_value(is.get("status").cloned().unwrap_or(Value::Null))
+            .map_err(|e| format!("reading ImageStream {key}: its status: {e}"))?;
+    Ok(status
+        .tags
+        .into_iter()
+        .map(|t| {
+            let items = t
+                .items
+                .iter()
+                .filter_map(|i| Digest::parse(&i.image).ok())
+                .collect();
+            (t.tag, items)
+        })
+        .collect())
 }
 
 /// Target `(namespace, name)` -> tag -> image digests, newest first, or why
