@@ -54,9 +54,9 @@ pub fn corrupt_blobs(layout: &Layout) -> Result<RehashResult, LayoutError> {
     let bytes = blobs.iter().map(|(_, m)| m.len()).sum();
     let bad = blobs
         .par_iter()
-        .filter_map(|(d, _)| match Digest::of_file(&layout.blob_path(d)) {
-            Ok(actual) if &actual == d => None,
-            Ok(actual) => Some((d.clone(), format!("content hashes to {actual}"))),
+        .filter_map(|(d, _)| match layout.check_blob(d) {
+            Ok(()) => None,
+            Err(LayoutError::Damaged { reason, .. }) => Some((d.clone(), reason)),
             Err(e) => Some((d.clone(), format!("unreadable: {e}"))),
         })
         .collect();
