@@ -29,12 +29,8 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<i32> {
     let result = run_reported(args).await;
     let unreported = super::STOPPED_REPORT.lock().expect("report lock").take();
     match (result, unreported) {
-        (Err(e), Some((mut report, path))) => {
-            report.committed = false;
-            report.problems.push(format!("{e:#}"));
-            if let Err(io) = report.emit(path.as_deref()) {
-                tracing::warn!("cannot write the report: {io}");
-            }
+        (Err(e), Some(stand_in)) => {
+            super::emit_unfinished(stand_in, format!("{e:#}"));
             Err(e)
         }
         (r, _) => r,

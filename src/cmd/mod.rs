@@ -29,12 +29,21 @@ static STOPPED_REPORT: std::sync::Mutex<
 /// earlier run's success as the latest.
 pub fn report_stopped(why: &str) {
     let taken = STOPPED_REPORT.lock().map(|mut r| r.take());
-    if let Ok(Some((mut report, path))) = taken {
-        report.committed = false;
-        report.problems.push(why.to_string());
-        if let Err(e) = report.emit(path.as_deref()) {
-            eprintln!("error: cannot write the report: {e}");
-        }
+    if let Ok(Some(stand_in)) = taken {
+        emit_unfinished(stand_in, why.to_string());
+    }
+}
+
+/// Writes the stand-in report of a run that ended before writing its own:
+/// `committed: false`, and `why` among the problems.
+fn emit_unfinished(
+    (mut report, path): (crate::report::Report, Option<std::path::PathBuf>),
+    why: String,
+) {
+    report.committed = false;
+    report.problems.push(why);
+    if let Err(e) = report.emit(path.as_deref()) {
+        tracing::warn!("cannot write the report: {e}");
     }
 }
 
