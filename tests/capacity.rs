@@ -67,20 +67,18 @@ fn patches(fake: &FakeKube) -> Vec<fake_kube::Recorded> {
         .collect()
 }
 
-/// The error of growing a 1Gi claim of an expandable class whose PATCH the
-/// fake answers as `refuse` sets it up to, the fake, and the size asked for
-/// in GiB.
-async fn refused_growth(
-    refuse: impl FnOnce(fake_kube::FakeKubeBuilder) -> fake_kube::FakeKubeBuilder,
-) -> (CapacityError, FakeKube, u64) {
+/// A 1Gi claim of an expandable class.
+fn expandable() -> fake_kube::FakeKubeBuilder {
+    FakeKube::builder()
+        .pvc(NS, PVC, "gp3-csi", "1Gi")
+        .storage_class("gp3-csi", Some(true))
+}
+
+/// The error of a growth that `fake` refuses, the fake, and the size asked
+/// for in GiB.
+async fn growth_error(fake: fake_kube::FakeKubeBuilder) -> (CapacityError, FakeKube, u64) {
     let dir = tempfile::tempdir().unwrap();
-    let fake = refuse(
-        FakeKube::builder()
-            .pvc(NS, PVC, "gp3-csi", "1Gi")
-            .storage_class("gp3-csi", Some(true)),
-    )
-    .start()
-    .await;
+    let fake = fake.start().await;
     let client = fake.client().await;
     let (fetch, gib) = fetch_needing_growth(dir.path());
     let err = ensure_capacity(
@@ -246,7 +244,7 @@ async fn max_size_refuses_before_any_patch_and_says_how_much_is_needed() {
 
 #[tokio::test]
 async fn forbidden_patch_is_a_clear_error() {
-    let (err, fake, _) = refused_growth(|b| b.pvc_patch_status(403)).await;
+    let (err, fake, _) = growth_error(expandable().pvc_patch_status(403)).await;
     assert!(matches!(err, CapacityError::Forbidden { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(
@@ -262,7 +260,7 @@ async fn forbidden_patch_is_a_clear_error() {
 
 #[tokio::test]
 async fn a_quota_refusal_is_named_as_such_not_as_missing_rights() {
-    let (err, _fake, _) = refused_growth(|b| b.pvc_patch_over_quota()).await;
+    let (err, _fake, _) = growth_error(expandable().pvc_patch_over_quota()).await;
     assert!(matches!(err, CapacityError::Refused { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(
@@ -274,7 +272,7 @@ async fn a_quota_refusal_is_named_as_such_not_as_missing_rights() {
 
 #[tokio::test]
 async fn invalid_patch_is_a_clear_error() {
-    let (err, _fake, gib) = refused_growth(|b| b.pvc_patch_status(422)).await;
+    let (err, _fake, gib) = growth_error(expandable().pvc_patch_status(422)).await;
     assert!(matches!(err, CapacityError::PatchInvalid { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains(&format!("backup/archive to {gib}Gi")), "{msg}");
@@ -284,20 +282,12 @@ async fn invalid_patch_is_a_clear_error() {
 #[tokio::test]
 async fn storage_class_without_expansion_is_refused_before_patching() {
     for allow in [None, Some(false)] {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = FakeKube::builder()
-            .pvc(NS, PVC, "thin", "1Gi")
-            .storage_class("thin", allow)
-            .start()
-            .await;
-        let client = fake.client().await;
-        let (fetch, gib) = fetch_needing_growth(dir.path());
-        let err = ensure_capacity(
-            &client,
-            &request(dir.path(), fetch, None, Duration::from_secs(1)),
+        let (err, fake, gib) = growth_error(
+            FakeKube::builder()
+                .pvc(NS, PVC, "thin", "1Gi")
+                .storage_class("thin", allow),
         )
-        .await
-        .unwrap_err();
+        .await;
         assert!(
             matches!(err, CapacityError::NotExpandable { .. }),
             "{err:?}"
@@ -314,32 +304,16 @@ async fn storage_class_without_expansion_is_refused_before_patching() {
 
 #[tokio::test]
 async fn missing_or_unreadable_pvc() {
-    let dir = tempfile::tempdir().unwrap();
-    let (fetch, _) = fetch_needing_growth(dir.path());
-
-    let fake = FakeKube::builder().start().await;
-    let client = fake.client().await;
-    let err = ensure_capacity(
-        &client,
-        &request(dir.path(), fetch, None, Duration::from_secs(1)),
-    )
-    .await
-    .unwrap_err();
+    let (err, _, _) = growth_error(FakeKube::builder()).await;
     assert!(matches!(err, CapacityError::PvcNotFound { .. }), "{err:?}");
     assert_eq!(err.to_string(), "PVC backup/archive not found");
 
-    let fake = FakeKube::builder()
-        .pvc(NS, PVC, "gp3-csi", "1Gi")
-        .pvc_get_status(403)
-        .start()
-        .await;
-    let client = fake.client().await;
-    let err = ensure_capacity(
-        &client,
-        &request(dir.path(), fetch, None, Duration::from_secs(1)),
+    let (err, _, _) = growth_error(
+        FakeKube::builder()
+            .pvc(NS, PVC, "gp3-csi", "1Gi")
+            .pvc_get_status(403),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(matches!(err, CapacityError::Forbidden { .. }), "{err:?}");
     assert!(err.to_string().contains("cannot get"), "{err}");
 }
