@@ -341,6 +341,20 @@ impl StreamRecord {
         for tag in &view.status.tags {
             record.tags += usize::from(!tag.items.is_empty());
             record.history_items += tag.items.len().saturating_sub(1);
+            if !tag.items.is_empty() && !crate::index::is_valid_tag(&tag.tag) {
+                // OpenShift does not check status tag names as a registry
+                // does; the archive names its entries by tag, and a name it
+                // would refuse on reading must not get into it.
+                record.bad.push(BadTagEvent {
+                    what: format!("{}/{}:{}", record.namespace, record.name, tag.tag),
+                    reason: format!(
+                        "{:?} cannot be a registry tag ([A-Za-z0-9_][A-Za-z0-9_.-], at most 128 characters): its {} image(s) are not archived",
+                        &*tag.tag,
+                        tag.items.len()
+                    ),
+                });
+                continue;
+            }
             let tag_name: Arc<str> = tag.tag.as_ref().into();
             for (position, item) in tag.items.iter().enumerate() {
                 if item.image.is_empty() && !item.docker_image_reference.is_empty() {
@@ -626,6 +640,20 @@ mod tests {
             "{:?}",
             r.bad
         );
+    }
+
+    #[test]
+    fn a_tag_name_no_registry_takes_is_reported_not_archived() {
+        // OpenShift lets `oc tag` write such a status tag; the archive's
+        // reader refuses it, so it must not reach an index entry.
+        let raw = REAL.replace(r#"{"tag":"latest""#, r#"{"tag":"1.2.0+build7""#);
+        let list = parse_list(raw.as_bytes(), "test").unwrap();
+        let (refs, bad) = images_of(&list[0]);
+        assert!(refs.is_empty(), "{refs:?}");
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].what, "ns/app:1.2.0+build7");
+        assert!(bad[0].reason.contains("2 image(s)"), "{}", bad[0].reason);
+        assert!(!crate::index::is_valid_tag("1.2.0+build7"));
     }
 
     #[test]

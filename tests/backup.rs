@@ -378,6 +378,36 @@ fn missing_image_fails_alone_and_everything_else_is_committed() {
 }
 
 #[test]
+fn a_tag_name_no_registry_takes_fails_alone_and_the_archive_stays_readable() {
+    // `oc tag ... app:1.2.0+build7` gives a status tag the registry would
+    // refuse; the archive reads no such name back.
+    let reg = Registry::start();
+    let seeded = seed(&reg, &["--preset", "small"]);
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("archive");
+    let mut list = seeded.list();
+    let tags = list["items"][0]["status"]["tags"].as_array_mut().unwrap();
+    let mut odd = tags[0].clone();
+    odd["tag"] = "1.2.0+build7".into();
+    tags.push(odd);
+    let path = work.path().join("list.json");
+    std::fs::write(&path, serde_json::to_vec(&list).unwrap()).unwrap();
+    for run_no in 0..2 {
+        let r = run(backup_args(&reg, &archive, &path));
+        assert_eq!(r.code, 1, "run {run_no}: {}", r.stderr);
+        let report = r.json();
+        assert_eq!(report["committed"], true, "{report}");
+        assert!(
+            report.to_string().contains("1.2.0+build7"),
+            "the failure names the tag: {report}"
+        );
+    }
+    assert_eq!(archived_events(&archive).len() as u64, seeded.items);
+    run_ok(0, ["verify", "--archive", archive.to_str().unwrap()]);
+    run_ok(0, ["list", "--archive", archive.to_str().unwrap()]);
+}
+
+#[test]
 fn bad_input_is_a_clear_configuration_error() {
     let work = tempfile::tempdir().unwrap();
     let archive = work.path().join("archive");
