@@ -587,24 +587,62 @@ impl Pusher {
         };
         let start = match &existing {
             None => 0,
-            Some(d) if d == &current.digest => {
-                result.skipped = unit.events.len();
-                return None;
-            }
-            Some(d) => match unit.events.iter().position(|e| &e.digest == d) {
-                Some(i) => i + 1,
-                None if overwrite => 0,
-                None => {
-                    result.conflict = Some(format!(
-                        "{repo}:{} points at {d}, not at the archived {}; left alone (use --overwrite)",
-                        unit.tag, current.digest
-                    ));
-                    return None;
+            Some(d) => {
+                let at: Vec<usize> = (0..unit.events.len())
+                    .filter(|&i| &unit.events[i].digest == d)
+                    .collect();
+                if at.is_empty() {
+                    if !overwrite {
+                        result.conflict = Some(format!(
+                            "{repo}:{} points at {d}, not at the archived {}; left alone (use --overwrite)",
+                            unit.tag, current.digest
+                        ));
+                        return None;
+                    }
+                    0
+                } else {
+                    self.event_reached(unit, &at, result).await? + 1
                 }
-            },
+            }
         };
         result.skipped = start;
-        Some(start)
+        (start < unit.events.len()).then_some(start)
+    }
+
+    /// Which of the tag's archived events at `at` (the positions of the
+    /// digest the tag points at, oldest first) a restore has reached. With
+    /// one, that one. A digest that repeats in the history (a, b, a) is
+    /// ambiguous: the tag is at the later event only if the registry serves
+    /// the images between the two, which a restore pushes first (a restore
+    /// stopped after the first `a` resumes with `b`, a finished one is
+    /// done). `None` when the registry could not say.
+    async fn event_reached(
+        &self,
+        unit: &Unit,
+        at: &[usize],
+        result: &mut UnitResult,
+    ) -> Option<usize> {
+        let repo = unit.repo();
+        for pair in at.windows(2).rev() {
+            let mut served = true;
+            for e in &unit.events[pair[0] + 1..pair[1]] {
+                match self.client.resolve(&repo, &e.digest.to_string()).await {
+                    Ok(d) => served = d.is_some(),
+                    Err(err) => {
+                        result.refused = err.is_config();
+                        result.failures.push(unit.failure(e, format!("{err:#}")));
+                        return None;
+                    }
+                }
+                if !served {
+                    break;
+                }
+            }
+            if served {
+                return Some(pair[1]);
+            }
+        }
+        Some(at[0])
     }
 
     /// The tag's history in the target ImageStream is known
@@ -635,7 +673,7 @@ impl Pusher {
         let repo = unit.repo();
         let current = unit.events.last().expect("a unit has events");
         let recorded = |e: &Entry| history.contains(&e.digest);
-        let to_tag: Vec<usize> = if recorded(current) {
+        let to_tag: Vec<usize> = if passed(&unit.events, history) {
             Vec::new()
         } else {
             match recorded_prefix(&unit.events, history) {
@@ -714,6 +752,28 @@ impl Pusher {
         result.pushed += 1;
         Ok(())
     }
+}
+
+/// Whether the target's `history` (newest first) has reached the archived
+/// current image, the last of `events` (oldest first): it records, in
+/// order, the archived images since that digest's previous event. For a
+/// current image that occurs once in `events` that is the image alone; for
+/// one that repeats (a, b, a), a target that holds only the first `a` (an
+/// interrupted restore) has not, while one that went on past the archive
+/// (a rollback, new images) or pruned older events has.
+fn passed(events: &[Entry], history: &[Digest]) -> bool {
+    let Some((current, older)) = events.split_last() else {
+        return true;
+    };
+    let since = older
+        .iter()
+        .rposition(|e| e.digest == current.digest)
+        .map_or(older.len(), |i| i + 1);
+    // A subsequence of the history, read oldest first.
+    let mut recorded = history.iter().rev();
+    events[since..]
+        .iter()
+        .all(|e| recorded.any(|h| *h == e.digest))
 }
 
 /// How many of the archived `events` (oldest first) the target's `history`
@@ -886,6 +946,43 @@ mod tests {
         // The tag is at an image the archive does not have for it.
         assert_eq!(recorded_prefix(&events, &h(&["x", "c"])), None);
         assert_eq!(recorded_prefix(&events, &[]), None);
+    }
+
+    #[test]
+    fn a_repeated_current_image_is_passed_only_with_what_came_between() {
+        let d = |s: &str| Digest::of(s.as_bytes());
+        let events = |names: &[&str]| -> Vec<Entry> {
+            names
+                .iter()
+                .map(|s| Entry {
+                    namespace: "ns".into(),
+                    stream: "app".into(),
+                    tag: "latest".into(),
+                    position: 0,
+                    digest: d(s),
+                    media_type: crate::manifest::OCI_MANIFEST.into(),
+                    size: 1,
+                    created: Default::default(),
+                    reference: Default::default(),
+                })
+                .collect()
+        };
+        let h = |names: &[&str]| names.iter().map(|s| d(s)).collect::<Vec<_>>();
+        let aba = events(&["a", "b", "a"]);
+        // An interrupted restore: only the first `a` is there.
+        assert!(!passed(&aba, &h(&["a"])));
+        assert_eq!(recorded_prefix(&aba, &h(&["a"])), Some(1));
+        // Done, moved on since (a rollback, a new image), or pruned.
+        assert!(passed(&aba, &h(&["a", "b", "a"])));
+        assert!(passed(&aba, &h(&["a", "x", "a", "b", "a"])));
+        assert!(passed(&aba, &h(&["a", "b"])));
+        // Order counts: `b` after the last `a` is not `b` before it.
+        assert!(!passed(&aba, &h(&["b", "a"])));
+        // A current image that occurs once: recorded anywhere is passed.
+        let abc = events(&["a", "b", "c"]);
+        assert!(passed(&abc, &h(&["a", "c", "b", "a"])));
+        assert!(passed(&abc, &h(&["c"])));
+        assert!(!passed(&abc, &h(&["b", "a"])));
     }
 
     #[test]

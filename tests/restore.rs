@@ -526,3 +526,110 @@ fn registry_failure_stops_the_tag_and_a_rerun_resumes_in_order() {
     want.sort_by_key(|e| std::cmp::Reverse(e.0));
     assert_eq!(pushed, want.into_iter().map(|e| e.1).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_rerun_resumes_a_history_whose_current_image_came_before() {
+    // A tag rolled back to an earlier image: history a, b, a (`oc tag
+    // app@sha256:a app:latest`). A restore that stops after the first `a`
+    // leaves the tag at the current digest, yet `b` and the second `a`
+    // are still to be pushed.
+    let reg = Registry::start();
+    let seeded = common::seed(&reg, &["--preset", "small", "--history", "3"]);
+    let mut list = seeded.list();
+    let manifest = |repo: &str, digest: &str| -> Value {
+        let r = reg
+            .request(
+                "GET",
+                &format!("/v2/{repo}/manifests/{digest}"),
+                &[("Accept", common::MANIFEST_ACCEPT)],
+            )
+            .unwrap();
+        serde_json::from_slice(&r.body).unwrap()
+    };
+    // A tag whose two newest images are single manifests.
+    let (s, t, repo, tag) = (0..list["items"].as_array().unwrap().len())
+        .flat_map(|s| {
+            let is = &list["items"][s];
+            let repo = format!(
+                "{}/{}",
+                is["metadata"]["namespace"].as_str().unwrap(),
+                is["metadata"]["name"].as_str().unwrap()
+            );
+            (0..is["status"]["tags"].as_array().unwrap().len())
+                .map(move |t| (s, t, repo.clone()))
+                .collect::<Vec<_>>()
+        })
+        .find_map(|(s, t, repo)| {
+            let tag = &list["items"][s]["status"]["tags"][t];
+            let items = tag["items"].as_array()?;
+            (items.len() >= 2
+                && items[..2]
+                    .iter()
+                    .all(|i| manifest(&repo, i["image"].as_str().unwrap())["config"].is_object()))
+            .then(|| (s, t, repo, tag["tag"].as_str().unwrap().to_string()))
+        })
+        .expect("a tag with two single-manifest images");
+    let items = list["items"][s]["status"]["tags"][t]["items"]
+        .as_array_mut()
+        .unwrap();
+    items.truncate(2);
+    let newest = items[0].clone();
+    items.push(newest);
+    let a = items[0]["image"].as_str().unwrap().to_string();
+    let b = items[1]["image"].as_str().unwrap().to_string();
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("list.json");
+    std::fs::write(&path, serde_json::to_vec(&list).unwrap()).unwrap();
+    let archive = work.path().join("archive");
+    run_ok(
+        0,
+        common::backup_args(common::archiver_registry_flags(&reg), &archive, &path, &[]),
+    );
+
+    let target = Registry::start();
+    let proxy = Proxy::start(&target.addr);
+    let b_config = manifest(&repo, &b)["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    proxy.add_rule(
+        Some("PUT"),
+        &b_config,
+        common::proxy::Fault::Status(500),
+        100,
+    );
+    let only = ["--imagestream", repo.as_str()];
+    let r = run(restore_args(
+        &archive,
+        &proxy.addr,
+        &[only[0], only[1], "--retries", "1"],
+    ));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(head_digest(&target, &repo, &tag), Some(a.clone()));
+    assert_eq!(head_digest(&target, &repo, &b), None);
+
+    proxy.clear_rules();
+    let tag_puts = |from: usize| -> Vec<String> {
+        proxy
+            .records()
+            .into_iter()
+            .skip(from)
+            .filter(|r| r.method == "PUT" && r.path == format!("/v2/{repo}/manifests/{tag}"))
+            .map(|r| r.body_digest.unwrap())
+            .collect()
+    };
+    let before = proxy.records().len();
+    run_ok(0, restore_args(&archive, &proxy.addr, &only));
+    assert_eq!(
+        tag_puts(before),
+        vec![b.clone(), a.clone()],
+        "resumed after the first {a}"
+    );
+    assert_eq!(head_digest(&target, &repo, &tag), Some(a));
+
+    // Finished: a third run pushes nothing to the tag.
+    let before = proxy.records().len();
+    run_ok(0, restore_args(&archive, &proxy.addr, &only));
+    assert!(tag_puts(before).is_empty());
+}
