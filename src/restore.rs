@@ -212,7 +212,23 @@ enum PushError {
     /// The archive (or stream) cannot provide it: missing or corrupt there.
     Archive(String),
     /// The registry refused or failed.
-    Registry(String),
+    Registry {
+        reason: String,
+        /// Retrying cannot help (a refusal, not an outage).
+        permanent: bool,
+        /// Credentials or permissions (401, 403).
+        config: bool,
+    },
+}
+
+impl PushError {
+    fn registry(reason: String, e: &RegistryError) -> Self {
+        PushError::Registry {
+            reason,
+            permanent: e.is_permanent(),
+            config: e.is_config(),
+        }
+    }
 }
 
 /// What happened to one tag.
@@ -469,7 +485,7 @@ impl Pusher {
                             // Unreadable or damaged in the archive: no
                             // re-run could push it.
                             RegistryError::Layout(_) => PushError::Archive(reason),
-                            _ => PushError::Registry(reason),
+                            _ => PushError::registry(reason, &e),
                         });
                     }
                 },
@@ -486,17 +502,20 @@ impl Pusher {
                             .client
                             .resolve(repo, &node.digest.to_string())
                             .await
-                            .map_err(|e| PushError::Registry(format!("image {image}: {e}")))?
+                            .map_err(|e| PushError::registry(format!("image {image}: {e}"), &e))?
                             .is_some();
                         if !present {
                             self.client
                                 .push_manifest(repo, &node.digest.to_string(), bytes, media_type)
                                 .await
                                 .map_err(|e| {
-                                    PushError::Registry(format!(
-                                        "image {image}: child manifest {}: {e}",
-                                        node.digest
-                                    ))
+                                    PushError::registry(
+                                        format!(
+                                            "image {image}: child manifest {}: {e}",
+                                            node.digest
+                                        ),
+                                        &e,
+                                    )
                                 })?;
                         }
                     }
@@ -534,10 +553,14 @@ impl Pusher {
             },
         };
         // History is pushed in order. An image the archive cannot provide
-        // (missing or corrupt there) is skipped: no re-run could push it. A
-        // registry failure stops the tag, so that a re-run resumes in order
-        // instead of leaving a hole in the history under a current tag.
+        // (missing or corrupt there), or one the registry refuses for good
+        // (a LimitRange on image size, a manifest it will not take), is
+        // skipped: no re-run could push it, and it must not keep the newer
+        // images and the current one out. A registry outage stops the tag,
+        // so that a re-run resumes in order instead of leaving a hole in the
+        // history under a current tag.
         let repo = unit.repo();
+        let mut refused = false;
         for (i, e) in events.iter().enumerate() {
             match self
                 .push_image(&repo, &unit.tag, &e.digest, &mut result)
@@ -545,7 +568,15 @@ impl Pusher {
             {
                 Ok(()) => {}
                 Err(PushError::Archive(reason)) => result.failures.push(unit.failure(e, reason)),
-                Err(PushError::Registry(reason)) => {
+                Err(PushError::Registry {
+                    reason,
+                    permanent: true,
+                    config,
+                }) => {
+                    refused |= config;
+                    result.failures.push(unit.failure(e, reason));
+                }
+                Err(PushError::Registry { reason, .. }) => {
                     result.failures.push(unit.failure(e, reason));
                     for later in &events[i + 1..] {
                         result.failures.push(unit.failure(
@@ -560,6 +591,8 @@ impl Pusher {
                 }
             }
         }
+        // Credentials or permissions refused every push of the tag.
+        result.refused |= refused && result.pushed == 0;
         result
     }
 
@@ -723,7 +756,7 @@ impl Pusher {
                 result.skipped += 1;
                 continue;
             }
-            if let Err(PushError::Archive(reason) | PushError::Registry(reason)) = self
+            if let Err(PushError::Archive(reason) | PushError::Registry { reason, .. }) = self
                 .push_image(&repo, &e.digest.to_string(), &e.digest, result)
                 .await
             {
@@ -747,7 +780,7 @@ impl Pusher {
             self.client
                 .push_manifest(repo, reference, bytes, &media_type)
                 .await
-                .map_err(|err| PushError::Registry(format!("{err:#}")))?;
+                .map_err(|err| PushError::registry(format!("{err:#}"), &err))?;
         }
         result.pushed += 1;
         Ok(())

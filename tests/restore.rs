@@ -633,3 +633,65 @@ fn a_rerun_resumes_a_history_whose_current_image_came_before() {
     run_ok(0, restore_args(&archive, &proxy.addr, &only));
     assert!(tag_puts(before).is_empty());
 }
+
+#[test]
+fn an_image_the_registry_refuses_for_good_does_not_keep_the_newer_ones_out() {
+    let f = backed_up();
+    let b = Registry::start();
+    let proxy = Proxy::start(&b.addr);
+    let events = tag_events(&f.list);
+    let (ns, name, tag, _, _) = events.iter().find(|e| e.3 == 2).unwrap().clone();
+    let repo = format!("{ns}/{name}");
+    let of_tag = |pos: usize| {
+        events
+            .iter()
+            .find(|e| e.0 == ns && e.1 == name && e.2 == tag && e.3 == pos)
+            .unwrap()
+            .4
+            .clone()
+    };
+    // The registry takes no manifest for the tag's oldest image, as a
+    // LimitRange on image size or a manifest it cannot parse refuses it
+    // (400: permanent, not a matter of rights).
+    proxy.add_rule(
+        Some("PUT"),
+        &format!("/v2/{repo}/manifests/{tag}"),
+        common::proxy::Fault::Status(400),
+        1,
+    );
+    let r = run(restore_args(&f.archive, &proxy.addr, &[]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let report = r.json();
+    let failures: Vec<Value> = report["imagestreams"][&repo]["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["tag"] == tag.as_str())
+        .cloned()
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0]["digest"], of_tag(2).as_str());
+    assert_eq!(head_digest(&b, &repo, &tag), Some(of_tag(0)));
+    assert_eq!(head_digest(&b, &repo, &of_tag(1)), Some(of_tag(1)));
+    assert!(report.get("refused").is_none(), "not a matter of rights: {report}");
+}
+
+#[test]
+fn an_identity_that_may_pull_but_not_push_is_refused_with_exit_2() {
+    // The restore run under the backup's service account: lookups answer,
+    // every upload is denied.
+    let f = backed_up();
+    let b = Registry::start();
+    let proxy = Proxy::start(&b.addr);
+    for method in ["PUT", "POST", "PATCH"] {
+        proxy.add_rule(
+            Some(method),
+            "/v2/",
+            common::proxy::Fault::Status(403),
+            100_000,
+        );
+    }
+    let r = run(restore_args(&f.archive, &proxy.addr, &[]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.json()["refused"], true);
+}
