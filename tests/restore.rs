@@ -673,7 +673,10 @@ fn an_image_the_registry_refuses_for_good_does_not_keep_the_newer_ones_out() {
     assert_eq!(failures[0]["digest"], of_tag(2).as_str());
     assert_eq!(head_digest(&b, &repo, &tag), Some(of_tag(0)));
     assert_eq!(head_digest(&b, &repo, &of_tag(1)), Some(of_tag(1)));
-    assert!(report.get("refused").is_none(), "not a matter of rights: {report}");
+    assert!(
+        report.get("refused").is_none(),
+        "not a matter of rights: {report}"
+    );
 }
 
 #[test]
