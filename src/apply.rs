@@ -10,10 +10,12 @@
 //! - the stream does not exist: `POST` a new ImageStream with the archived
 //!   name, labels, annotations (minus `kubectl.kubernetes.io/last-applied-configuration`)
 //!   and spec, in the (mapped) namespace;
-//! - it exists (on OpenShift the push has usually created it): a JSON merge
-//!   patch (`application/merge-patch+json`) of the spec and the archived
-//!   labels and annotations (the stream's others stay), skipped when it
-//!   would change nothing.
+//! - it exists (on OpenShift the push has usually created it): a strategic
+//!   merge patch (`application/strategic-merge-patch+json`) of the spec and
+//!   the archived labels and annotations, skipped when it would change
+//!   nothing. `spec.tags` merges by tag name (its `patchMergeKey`), so the
+//!   archived tags are put back and tags only the target has stay, as do
+//!   its other labels and annotations: a restore only adds.
 //!
 //! `status` is never sent: the API server owns it, and the push has already
 //! recreated the tag histories. `spec.tags[].generation` is left out too: the
@@ -177,9 +179,10 @@ impl Desired {
         &self.object["spec"]
     }
 
-    /// The merge patch for a stream that exists (the push creates it on
-    /// OpenShift): the archived spec, labels and annotations. Labels and
-    /// annotations the stream has beyond the archived ones stay.
+    /// The strategic merge patch for a stream that exists (the push
+    /// creates it on OpenShift): the archived spec, labels and annotations.
+    /// Tags, labels and annotations the stream has beyond the archived ones
+    /// stay ([`merge_spec`]).
     pub fn patch(&self) -> Value {
         let metadata: Map<String, Value> = ["labels", "annotations"]
             .into_iter()
@@ -381,24 +384,38 @@ fn drop_nulls(v: Value) -> Value {
     }
 }
 
-/// RFC 7386 JSON merge patch of `patch` onto `target`.
-fn merge_patch(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(p) => {
-            if !target.is_object() {
-                *target = json!({});
+/// What the API server makes of a strategic merge patch of an
+/// ImageStream's `spec`: RFC 7386 for all but `tags`, whose elements merge
+/// by `name` (`patchMergeKey` of `ImageStreamSpec.Tags`): a tag the patch
+/// names is merged into the stream's tag of that name or added, the
+/// stream's other tags stay.
+pub fn merge_spec(spec: &mut Value, patch: &Value) {
+    let mut rest = patch.clone();
+    let tags = rest.as_object_mut().and_then(|p| p.remove("tags"));
+    json_patch::merge(spec, &rest);
+    let Some(Value::Array(tags)) = tags else {
+        return;
+    };
+    let Some(Value::Array(current)) = spec
+        .as_object_mut()
+        .map(|s| s.entry("tags").or_insert_with(|| json!([])))
+        .map(|t| {
+            if !t.is_array() {
+                *t = json!([]);
             }
-            if let Value::Object(t) = target {
-                for (k, v) in p {
-                    if v.is_null() {
-                        t.remove(k);
-                    } else {
-                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-                    }
-                }
-            }
+            t
+        })
+    else {
+        return;
+    };
+    for tag in tags {
+        match current
+            .iter_mut()
+            .find(|t| t.get("name") == tag.get("name"))
+        {
+            Some(t) => json_patch::merge(t, &tag),
+            None => current.push(tag),
         }
-        other => *target = other.clone(),
     }
 }
 
@@ -413,16 +430,16 @@ fn comparable(spec: &Value) -> Value {
     spec
 }
 
-/// True when merging `desired` into `current` would change it (the
-/// server-assigned tag generations aside).
+/// True when merging `desired` into `current` ([`merge_spec`]) would
+/// change it (the server-assigned tag generations aside).
 pub fn spec_would_change(current: &Value, desired: &Value) -> bool {
     let before = comparable(current);
     let mut after = before.clone();
-    merge_patch(&mut after, desired);
+    merge_spec(&mut after, desired);
     comparable(&after) != before
 }
 
-/// True when the merge patch [`Desired::patch`] would change the stream
+/// True when the patch [`Desired::patch`] would change the stream
 /// `current`: its spec, labels or annotations.
 pub fn would_change(current: &Value, patch: &Value) -> bool {
     let spec = current.get("spec").unwrap_or(&Value::Null);
@@ -430,7 +447,7 @@ pub fn would_change(current: &Value, patch: &Value) -> bool {
         || patch.get("metadata").is_some_and(|m| {
             let before = current.get("metadata").cloned().unwrap_or(Value::Null);
             let mut after = before.clone();
-            merge_patch(&mut after, m);
+            json_patch::merge(&mut after, m);
             after != before
         })
 }
@@ -635,7 +652,7 @@ async fn create(
     }
 }
 
-/// Merge-patches [`Desired::patch`] onto the existing stream.
+/// Patches [`Desired::patch`] onto the existing stream.
 async fn patch(
     client: &kube::Client,
     collection: &str,
@@ -643,7 +660,7 @@ async fn patch(
     opts: &ApplyOptions,
 ) -> Result<Action, String> {
     let key = desired.key();
-    let body = Patch::Merge(desired.patch());
+    let body = Patch::Strategic(desired.patch());
     let req = || {
         kube::core::Request::new(collection)
             .patch(&desired.name, &PatchParams::default(), &body)
@@ -819,6 +836,36 @@ mod tests {
         assert!(spec_would_change(&served, d.spec()));
         assert!(spec_would_change(&Value::Null, d.spec()));
         assert!(!spec_would_change(&json!({"extra": 1}), &json!({})));
+    }
+
+    #[test]
+    fn archived_tags_merge_by_name_and_the_target_keeps_its_own() {
+        let mut spec = json!({"lookupPolicy": {"local": false}, "tags": [
+            {"name": "latest", "generation": 3, "from": {"kind": "DockerImage", "name": "quay.io/a/b:1"}},
+            {"name": "mine", "generation": 4, "from": {"kind": "DockerImage", "name": "quay.io/c/d:2"},
+             "importPolicy": {"scheduled": true}}
+        ]});
+        let patch = json!({"lookupPolicy": {"local": true}, "tags": [
+            {"name": "latest", "from": {"kind": "DockerImage", "name": "quay.io/a/b:2"}},
+            {"name": "new", "from": {"kind": "ImageStreamTag", "name": "x:1"}}
+        ]});
+        assert!(spec_would_change(&spec, &patch));
+        merge_spec(&mut spec, &patch);
+        assert_eq!(
+            spec,
+            json!({"lookupPolicy": {"local": true}, "tags": [
+                {"name": "latest", "generation": 3, "from": {"kind": "DockerImage", "name": "quay.io/a/b:2"}},
+                {"name": "mine", "generation": 4, "from": {"kind": "DockerImage", "name": "quay.io/c/d:2"},
+                 "importPolicy": {"scheduled": true}},
+                {"name": "new", "from": {"kind": "ImageStreamTag", "name": "x:1"}}
+            ]})
+        );
+        assert!(!spec_would_change(&spec, &patch));
+        // A spec without tags leaves the target's alone.
+        assert!(!spec_would_change(
+            &spec,
+            &json!({"lookupPolicy": {"local": true}})
+        ));
     }
 
     #[test]

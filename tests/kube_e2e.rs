@@ -609,9 +609,15 @@ fn restore_applies_archived_specs_into_mapped_namespaces_never_status() {
     let b = Registry::start();
     // team-z/backend exists already (with another spec): it is patched;
     // team-z/frontend does not: it is created.
-    let existing = fake_kube::imagestream("team-z", "backend")
+    let mut existing = fake_kube::imagestream("team-z", "backend")
         .label("owner", "team-z")
         .build();
+    // A tag only the target has (added after the backup): a restore only
+    // adds, so it stays.
+    let own_tag = json!({"name": "nightly", "generation": 1,
+        "from": {"kind": "DockerImage", "name": "quay.io/team-z/backend:nightly"},
+        "importPolicy": {"scheduled": true}});
+    existing["spec"]["tags"] = json!([own_tag.clone()]);
     let api = Api::start(FakeKube::builder().streams([existing.clone()]));
     let flags = [
         "--apply-imagestreams",
@@ -654,7 +660,7 @@ fn restore_applies_archived_specs_into_mapped_namespaces_never_status() {
     let patch: Value = serde_json::from_str(&writes[0].body).unwrap();
     assert_eq!(
         writes[0].content_type.as_deref(),
-        Some("application/merge-patch+json")
+        Some("application/strategic-merge-patch+json")
     );
     let mut backend_applied = backend_spec.clone();
     for t in backend_applied["tags"].as_array_mut().unwrap() {
@@ -697,9 +703,18 @@ fn restore_applies_archived_specs_into_mapped_namespaces_never_status() {
     let created = api.fake.imagestream("team-z", "frontend").unwrap();
     assert_eq!(created["spec"]["lookupPolicy"]["local"], true);
     let patched = api.fake.imagestream("team-z", "backend").unwrap();
+    let patched_tags = patched["spec"]["tags"].as_array().unwrap();
     assert_eq!(
-        patched["spec"]["tags"][0]["from"],
-        backend_spec["tags"][0]["from"]
+        patched_tags[0], own_tag,
+        "the target's own tag stays: {patched}"
+    );
+    assert_eq!(
+        patched_tags[1]["from"], backend_spec["tags"][0]["from"],
+        "{patched}"
+    );
+    assert_eq!(
+        patched_tags.len(),
+        1 + backend_spec["tags"].as_array().unwrap().len()
     );
     assert_eq!(
         patched["status"], existing["status"],

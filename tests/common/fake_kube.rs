@@ -17,8 +17,10 @@
 //!   `allowVolumeExpansion`: 403) and forced 403 / 422, and a hook run after
 //!   each accepted PATCH (to grow a tmpfs, as the kubelet would);
 //! - `GET /apis/storage.k8s.io/v1/storageclasses/{name}`;
-//! - `GET`, `POST` (create) and `PATCH` (`application/merge-patch+json`
-//!   only) of `/apis/image.openshift.io/v1/namespaces/{ns}/imagestreams[/{name}]`,
+//! - `GET`, `POST` (create) and `PATCH` (`application/merge-patch+json`, and
+//!   `application/strategic-merge-patch+json` with `spec.tags` merged by
+//!   `name`, as `ImageStreamSpec` declares) of
+//!   `/apis/image.openshift.io/v1/namespaces/{ns}/imagestreams[/{name}]`,
 //!   as `restore --apply-imagestreams` uses them: 409 on an existing name,
 //!   `status` ignored on writes (the API server owns it), spec tag
 //!   generations assigned, and a forced 403 per namespace.
@@ -676,17 +678,18 @@ impl FakeKube {
         if st.stream_writes_forbidden.contains(ns) || st.forbidden_ns.contains(ns) {
             return stream_forbidden(ns, "patch");
         }
-        if rec.content_type.as_deref() != Some("application/merge-patch+json") {
-            return status(
-                415,
-                "UnsupportedMediaType",
-                &format!(
-                    "the body of the request was in an unknown format (got {:?})",
-                    rec.content_type
-                ),
-                None,
-            );
-        }
+        let strategic = match rec.content_type.as_deref() {
+            Some("application/merge-patch+json") => false,
+            Some("application/strategic-merge-patch+json") => true,
+            other => {
+                return status(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!("the body of the request was in an unknown format (got {other:?})"),
+                    None,
+                )
+            }
+        };
         let Ok(mut patch) = serde_json::from_str::<Value>(&rec.body) else {
             return status(
                 400,
@@ -710,8 +713,30 @@ impl FakeKube {
                 m.remove("namespace");
             }
         }
+        // Strategic: each patched tag goes onto the stream's tag of its
+        // name (or is added); the stream's other tags are not touched.
+        let tags = if strategic {
+            patch
+                .get_mut("spec")
+                .and_then(Value::as_object_mut)
+                .and_then(|spec| spec.remove("tags"))
+        } else {
+            None
+        };
         let mut updated = current.clone();
         merge_patch(&mut updated, &patch);
+        for tag in tags.and_then(|t| t.as_array().cloned()).unwrap_or_default() {
+            let list = &mut updated["spec"]["tags"];
+            if !list.is_array() {
+                *list = json!([]);
+            }
+            let list = list.as_array_mut().unwrap();
+            let name = tag["name"].clone();
+            match list.iter_mut().position(|t| t["name"] == name) {
+                Some(i) => merge_patch(&mut list[i], &tag),
+                None => list.push(tag),
+            }
+        }
         if updated["spec"] != current["spec"] {
             let generation = current["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
             updated["metadata"]["generation"] = json!(generation);
