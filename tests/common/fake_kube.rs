@@ -724,7 +724,7 @@ impl FakeKube {
             None
         };
         let mut updated = current.clone();
-        merge_patch(&mut updated, &patch);
+        json_patch::merge(&mut updated, &patch);
         for tag in tags.and_then(|t| t.as_array().cloned()).unwrap_or_default() {
             let list = &mut updated["spec"]["tags"];
             if !list.is_array() {
@@ -733,7 +733,7 @@ impl FakeKube {
             let list = list.as_array_mut().unwrap();
             let name = tag["name"].clone();
             match list.iter_mut().position(|t| t["name"] == name) {
-                Some(i) => merge_patch(&mut list[i], &tag),
+                Some(i) => json_patch::merge(&mut list[i], &tag),
                 None => list.push(tag),
             }
         }
@@ -808,7 +808,7 @@ impl FakeKube {
                 return not_found("persistentvolumeclaims", "", name);
             };
             let mut updated = current.clone();
-            merge_patch(&mut updated, &patch);
+            json_patch::merge(&mut updated, &patch);
             let old = current["spec"]["resources"]["requests"]["storage"]
                 .as_str()
                 .map(quantity_bytes);
@@ -965,26 +965,6 @@ fn json_response(code: u16, body: &Value) -> Response<Full<Bytes>> {
         .header("audit-id", "0b0f9a6e-8d50-4c2b-9a43-1f1e7c3d2a10")
         .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())))
         .unwrap()
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge_patch(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(p) => {
-            if !target.is_object() {
-                *target = json!({});
-            }
-            let t = target.as_object_mut().unwrap();
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        other => *target = other.clone(),
-    }
 }
 
 /// Continue tokens are opaque to clients; this one carries scope, selector
