@@ -492,6 +492,48 @@ fn max_size_and_unexpandable_storage_class_refuse_before_any_download() {
     assert!(fs_space(&archive).unwrap().total <= VOLUME_BYTES);
 }
 
+#[test]
+fn a_volume_that_cannot_grow_still_takes_a_run_that_fits_and_says_so() {
+    // The headroom asks for growth, --max-size forbids it, and tonight's
+    // downloads fit anyway: the backup is made, and the run exits 1 so
+    // that someone makes room before the volume fills.
+    require_root();
+    let reg = Registry::start();
+    let seeded = seed(&reg, &["--preset", "small"]);
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("volume");
+    let _tmpfs = Tmpfs::mount(&mnt, "8m");
+    let archive = mnt.join("archive");
+    let api = Api::start(
+        FakeKube::builder()
+            .streams(seeded_items(&seeded))
+            .pvc(PVC_NS, PVC, "gp3-csi", "8Mi")
+            .storage_class("gp3-csi", Some(true)),
+    );
+    let r = api.run_code(
+        1,
+        &pvc_args(&archive, &reg, &["--headroom", "80", "--max-size", "8Mi"]),
+    );
+    let report = r.json();
+    assert_eq!(report["committed"], true, "{report}");
+    assert_eq!(report["totals"]["images_failed"], 0, "{report}");
+    let problems = report["problems"].to_string();
+    assert!(
+        problems.contains("--max-size") && problems.contains("went on"),
+        "{problems}"
+    );
+    assert!(
+        api.fake.patch_bodies().is_empty(),
+        "no PATCH over --max-size"
+    );
+    verify_ok(&archive);
+    // Layers, configs, manifests and the ImageStream list.
+    assert_eq!(
+        blob_count(&archive) as u64,
+        seeded.unique_blobs + seeded.manifests + 1
+    );
+}
+
 // ------------------------------------------------------ --apply-imagestreams
 
 /// Spec of `team-a/frontend` in the archive: what a push cannot recreate.

@@ -168,7 +168,9 @@ async fn run_reported(args: BackupArgs) -> anyhow::Result<i32> {
         )));
     }
     if let Some(pvc) = &args.pvc {
-        ensure_room(&args, pvc, plan.bytes_to_fetch()).await?;
+        if let Some(warning) = ensure_room(&args, pvc, plan.bytes_to_fetch()).await? {
+            report.problems.push(warning);
+        }
     }
     let mut failure = None;
     if !args.dry_run {
@@ -201,8 +203,16 @@ async fn run_reported(args: BackupArgs) -> anyhow::Result<i32> {
 }
 
 /// Grows the archive's PVC before anything is downloaded, when the plan
-/// needs more room than the volume has (keeping `--headroom` free).
-async fn ensure_room(args: &BackupArgs, pvc: &str, to_fetch: u64) -> anyhow::Result<()> {
+/// needs more room than the volume has (keeping `--headroom` free). When it
+/// cannot be grown (`--max-size`, a StorageClass without expansion, a
+/// quota, missing rights) but this run's downloads fit anyway, the backup
+/// goes on and the returned warning says so (the run exits 1): only a
+/// run that would fill the volume is refused before downloading.
+async fn ensure_room(
+    args: &BackupArgs,
+    pvc: &str,
+    to_fetch: u64,
+) -> anyhow::Result<Option<String>> {
     use crate::capacity::{self, ResizeOutcome, ResizeRequest};
     let namespace = args
         .pvc_namespace
@@ -228,7 +238,7 @@ async fn ensure_room(args: &BackupArgs, pvc: &str, to_fetch: u64) -> anyhow::Res
                 "dry run: the PVC would be grown before downloading"
             );
         }
-        return Ok(());
+        return Ok(None);
     }
     let req = ResizeRequest::new(
         pvc,
@@ -242,24 +252,39 @@ async fn ensure_room(args: &BackupArgs, pvc: &str, to_fetch: u64) -> anyhow::Res
     let space = capacity::fs_space(&args.archive)
         .with_context(|| format!("statvfs {}", args.archive.display()))?;
     if !capacity::needs_growth(&space, to_fetch, args.headroom) {
-        return Ok(());
+        return Ok(None);
     }
-    let kube = discovery::client_from_env()
-        .await
-        .map_err(super::config_error)?;
-    match capacity::ensure_capacity(&kube, &req)
-        .await
-        .map_err(super::config_error)?
-    {
-        ResizeOutcome::Grown { from, to, .. } => tracing::info!(
+    // The downloads, and a new index.json beside the old one until it
+    // replaces it.
+    let index_size = std::fs::metadata(args.archive.join("index.json")).map_or(0, |m| m.len());
+    let fits = space.free >= to_fetch.saturating_add(index_size).saturating_add(1 << 20);
+    let grown = match discovery::client_from_env().await {
+        Ok(kube) => capacity::ensure_capacity(&kube, &req)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(anyhow::Error::from(e)),
+    };
+    match grown {
+        Ok(ResizeOutcome::Grown { from, to, .. }) => tracing::info!(
             pvc,
             from = %capacity::human(from),
             to = %capacity::human(to),
             "PVC grown before downloading"
         ),
-        other => tracing::info!(pvc, ?other, "PVC has room"),
+        Ok(other) => tracing::info!(pvc, ?other, "PVC has room"),
+        Err(e) if fits => {
+            let warning = format!(
+                "{e:#}; this run's {} fit without the {}% headroom, so it went on, but the \
+                 volume needs room before it fills",
+                capacity::human(to_fetch),
+                args.headroom
+            );
+            tracing::warn!("{warning}");
+            return Ok(Some(warning));
+        }
+        Err(e) => return Err(super::config_error(e)),
     }
-    Ok(())
+    Ok(None)
 }
 
 /// `--repair`: re-hashes every blob, marks the corrupt ones as absent (a
