@@ -104,6 +104,17 @@ fn export_import_verify_restore_round_trip() {
     let again = run_ok(0, ["import", "-i", &s(&stream), "--archive", &s(&imported)]).json();
     assert_eq!(again["blobs_new"], 0, "{again}");
 
+    // Not into the archive itself (its own volume, its snapshots).
+    let inside = f.archive.join("all.tar.zst");
+    let r = common::run(["export", "--archive", &s(&f.archive), "-o", &s(&inside)]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("inside the archive"), "{}", r.stderr);
+    assert!(std::fs::read_dir(&f.archive).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("tar.zst")));
+
     let b = Registry::start();
     let mut args = vec![
         "restore".to_string(),

@@ -14,6 +14,28 @@ pub(crate) fn is_dash(p: &Path) -> bool {
     p.as_os_str() == "-"
 }
 
+/// Refuses an export file inside the archive it exports: it would take
+/// about the archive's size again on the archive's volume, and K8up would
+/// snapshot it with the archive.
+fn refuse_inside_archive(target: &Path, archive: &Path) -> anyhow::Result<()> {
+    let dir = target
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (Ok(dir), Ok(archive)) = (dir.canonicalize(), archive.canonicalize()) else {
+        return Ok(());
+    };
+    if dir.starts_with(&archive) {
+        return Err(super::config_error(anyhow::anyhow!(
+            "-o {}: inside the archive {} it exports; write it to another volume, or to stdout \
+             (-o -) and pipe it to where it goes",
+            target.display(),
+            archive.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Writes the archive as a `.tar.zst` stream to a file or stdout.
 pub fn export(args: ExportArgs) -> anyhow::Result<i32> {
     let layout = Layout::open(&args.archive, Access::Read).map_err(super::config_error)?;
@@ -31,6 +53,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<i32> {
         let name = target.file_name().ok_or_else(|| {
             super::config_error(anyhow::anyhow!("-o {}: not a file name", target.display()))
         })?;
+        refuse_inside_archive(target, &args.archive)?;
         let tmp = target.with_file_name(format!(
             ".{}.partial.{}",
             name.to_string_lossy(),
