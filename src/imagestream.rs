@@ -481,13 +481,29 @@ pub fn scan_list<'a>(
 /// Parses a single ImageStream or a `List` of them.
 pub fn parse_list(json: &[u8], origin: &str) -> Result<Vec<ImageStream>, ImageStreamError> {
     let mut out = Vec::new();
+    each_stream(json, origin, &mut |is| out.push(is))?;
+    Ok(out)
+}
+
+/// Checks a list as [`parse_list`] does, one ImageStream at a time (none
+/// is kept); returns how many it holds.
+pub fn check_list(json: &[u8], origin: &str) -> Result<usize, ImageStreamError> {
+    let mut n = 0;
+    each_stream(json, origin, &mut |_| n += 1)?;
+    Ok(n)
+}
+
+fn each_stream(
+    json: &[u8],
+    origin: &str,
+    f: &mut dyn FnMut(ImageStream),
+) -> Result<(), ImageStreamError> {
     scan_list(json, origin, &mut |_, raw| {
         let is: ImageStream = serde_json::from_str(raw).map_err(|e| e.to_string())?;
         check_identity(&is.kind, &is.metadata.namespace, &is.metadata.name)?;
-        out.push(is);
+        f(is);
         Ok(())
-    })?;
-    Ok(out)
+    })
 }
 
 /// Opens an ImageStream file for [`scan_list`].

@@ -142,6 +142,8 @@ pub struct EntryRef<'a> {
     pub position: usize,
     /// The manifest (or index) digest.
     pub digest: &'a Digest,
+    /// The manifest's size in bytes, as the index says.
+    pub size: u64,
 }
 
 /// Decides, for each entry read, whether it is kept and at which position.
@@ -215,6 +217,7 @@ impl DescriptorIn<'_> {
             tag: &a.tag,
             position: a.position.parse().unwrap_or_default(),
             digest: &self.digest,
+            size: self.size,
         }
     }
 

@@ -37,62 +37,105 @@ pub struct Listing {
     pub bytes_saved_by_dedup: u64,
 }
 
-/// Builds the listing.
+/// Builds the listing. The committed index is read one entry at a time
+/// (it is sorted by stream), and what is counted per stream is dropped once
+/// the next stream begins: memory grows with the distinct images and blobs,
+/// not with every tag event and every stream's blob set at once. An index
+/// in another order is read whole and sorted first.
 pub fn list(layout: &Layout) -> Result<Listing, LayoutError> {
-    let index = layout.read_index()?;
-    let mut out = Listing {
-        entries: index.entries.len(),
-        ..Default::default()
-    };
-    // Closure (blob -> size) per image, computed once per digest.
-    let mut closures: HashMap<Digest, Vec<(Digest, u64)>> = HashMap::new();
-    let mut per_stream_blobs: HashMap<String, HashSet<Digest>> = HashMap::new();
-    let mut per_stream_images: HashMap<String, HashSet<Digest>> = HashMap::new();
-    let mut used: HashMap<Digest, u64> = HashMap::new();
-    for e in &index.entries {
-        let nodes = closures.entry(e.digest.clone()).or_insert_with(|| {
-            let mut seen = HashSet::new();
-            closure::walk_all(layout, &e.digest, &mut seen)
-                .0
-                .into_iter()
-                .map(|n| {
-                    let size = layout.blob_size(&n.digest).or(n.size).unwrap_or(0);
-                    (n.digest, size)
-                })
-                .collect()
-        });
-        let key = e.stream_key();
-        let blobs = per_stream_blobs.entry(key.clone()).or_default();
-        let s = out
-            .namespaces
-            .entry(e.namespace.to_string())
-            .or_default()
-            .entry(e.stream.to_string())
-            .or_default();
-        *s.tags.entry(e.tag.to_string()).or_default() += 1;
-        if per_stream_images
-            .entry(key)
-            .or_default()
-            .insert(e.digest.clone())
-        {
-            s.images += 1;
-        }
-        for (d, size) in nodes.iter() {
-            if blobs.insert(d.clone()) {
-                s.bytes += size;
-            }
-            used.insert(d.clone(), *size);
+    let mut acc = Accumulator::default();
+    let mut in_order = true;
+    layout.read_index_filtered(&mut |e| {
+        in_order = in_order && acc.add(layout, e.namespace, e.stream, e.tag, e.digest);
+        None
+    })?;
+    if !in_order {
+        let mut index = layout.read_index()?;
+        index.sort();
+        acc = Accumulator::default();
+        for e in &index.entries {
+            acc.add(layout, &e.namespace, &e.stream, &e.tag, &e.digest);
         }
     }
-    out.images = closures.len();
-    out.logical_bytes = closures
-        .values()
-        .map(|n| n.iter().map(|(_, s)| s).sum::<u64>())
-        .sum();
-    let unique: u64 = used.values().sum();
-    out.bytes_saved_by_dedup = out.logical_bytes.saturating_sub(unique);
+    let mut out = acc.finish();
     out.archived_bytes = layout.list_blobs()?.iter().map(|(_, m)| m.len()).sum();
     Ok(out)
+}
+
+/// The listing as it is built, entry by entry, stream after stream.
+#[derive(Default)]
+struct Accumulator {
+    out: Listing,
+    /// Distinct images, with the bytes of their closure.
+    images: HashMap<Digest, u64>,
+    /// Distinct blobs the images use, with their sizes.
+    used: HashMap<Digest, u64>,
+    /// The stream being counted (`namespace`, `name`), its images and its blobs.
+    current: Option<(String, String)>,
+    stream_images: HashSet<Digest>,
+    stream_blobs: HashSet<Digest>,
+}
+
+impl Accumulator {
+    /// Counts one entry; false when it belongs to a stream before the
+    /// current one (the entries are not in the index's order).
+    fn add(
+        &mut self,
+        layout: &Layout,
+        namespace: &str,
+        stream: &str,
+        tag: &str,
+        digest: &Digest,
+    ) -> bool {
+        match &self.current {
+            Some((ns, name)) if (ns.as_str(), name.as_str()) == (namespace, stream) => {}
+            Some((ns, name)) if (ns.as_str(), name.as_str()) > (namespace, stream) => return false,
+            _ => {
+                self.current = Some((namespace.to_string(), stream.to_string()));
+                self.stream_images.clear();
+                self.stream_blobs.clear();
+            }
+        }
+        let s = self
+            .out
+            .namespaces
+            .entry(namespace.to_string())
+            .or_default()
+            .entry(stream.to_string())
+            .or_default();
+        *s.tags.entry(tag.to_string()).or_default() += 1;
+        if !self.stream_images.insert(digest.clone()) {
+            return true;
+        }
+        s.images += 1;
+        let mut seen = HashSet::new();
+        let mut logical = 0;
+        for n in closure::walk_all(layout, digest, &mut seen).0 {
+            let size = layout.blob_size(&n.digest).or(n.size).unwrap_or(0);
+            logical += size;
+            if self.stream_blobs.insert(n.digest.clone()) {
+                s.bytes += size;
+            }
+            self.used.insert(n.digest, size);
+        }
+        self.images.insert(digest.clone(), logical);
+        true
+    }
+
+    fn finish(mut self) -> Listing {
+        self.out.entries = self
+            .out
+            .namespaces
+            .values()
+            .flat_map(|streams| streams.values())
+            .flat_map(|s| s.tags.values())
+            .sum();
+        self.out.images = self.images.len();
+        self.out.logical_bytes = self.images.values().sum();
+        let unique: u64 = self.used.values().sum();
+        self.out.bytes_saved_by_dedup = self.out.logical_bytes.saturating_sub(unique);
+        self.out
+    }
 }
 
 /// Renders the listing as a text table.

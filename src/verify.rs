@@ -63,6 +63,65 @@ pub fn corrupt_blobs(layout: &Layout) -> Result<RehashResult, LayoutError> {
     Ok((bad, blobs.len(), bytes))
 }
 
+/// Checks one archived tag event: its size, and that its whole closure is
+/// there with the sizes its manifests give.
+fn check_entry(
+    layout: &Layout,
+    e: &crate::index::EntryRef<'_>,
+    corrupt_set: &HashSet<Digest>,
+    reported_missing: &mut HashSet<(Digest, Digest)>,
+    problems: &mut Vec<Problem>,
+) {
+    let what = format!(
+        "{}/{}:{} (history {})",
+        e.namespace, e.stream, e.tag, e.position
+    );
+    match layout.blob_size(e.digest) {
+        Some(size) if size != e.size => problems.push(Problem {
+            kind: "bad-entry",
+            digest: Some(e.digest.clone()),
+            message: format!("{what}: index says {} bytes, blob has {size}", e.size),
+        }),
+        _ => {}
+    }
+    if corrupt_set.contains(e.digest) {
+        return;
+    }
+    let mut seen = HashSet::new();
+    match closure::walk(layout, e.digest, &mut seen) {
+        Ok(nodes) => {
+            for n in nodes {
+                if let Some(size) = n.size {
+                    if layout.blob_size(&n.digest) != Some(size) && !corrupt_set.contains(&n.digest)
+                    {
+                        problems.push(Problem {
+                            kind: "bad-size",
+                            digest: Some(n.digest.clone()),
+                            message: format!(
+                                "{what}: blob {} should have {size} bytes, has {:?}",
+                                n.digest,
+                                layout.blob_size(&n.digest)
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Err(err) => {
+            if reported_missing.insert((e.digest.clone(), err.blob().clone())) {
+                problems.push(Problem {
+                    kind: match err {
+                        closure::ClosureError::Missing { .. } => "missing-blob",
+                        closure::ClosureError::Unreadable { .. } => "bad-manifest",
+                    },
+                    digest: Some(err.blob().clone()),
+                    message: format!("{what}: {err}"),
+                });
+            }
+        }
+    }
+}
+
 /// Verifies the whole archive.
 pub fn verify(layout: &Layout) -> Result<VerifyReport, LayoutError> {
     let mut report = VerifyReport::default();
@@ -91,17 +150,6 @@ pub fn verify(layout: &Layout) -> Result<VerifyReport, LayoutError> {
             message: format!("oci-layout: {e}"),
         }),
     }
-    let index = match layout.read_index() {
-        Ok(i) => i,
-        Err(e) => {
-            report.problems.push(Problem {
-                kind: "index",
-                digest: None,
-                message: e.to_string(),
-            });
-            return Ok(report);
-        }
-    };
     // No index.json is an archive that has committed nothing yet: empty,
     // not broken (a first run stopped before its commit).
     let (corrupt, n, bytes) = corrupt_blobs(layout)?;
@@ -115,71 +163,52 @@ pub fn verify(layout: &Layout) -> Result<VerifyReport, LayoutError> {
             message: format!("blob {d}: {reason}"),
         });
     }
+    // The index is read one entry at a time, each checked as it comes.
     let mut reported_missing = HashSet::new();
-    for e in &index.entries {
-        report.entries_checked += 1;
-        let what = format!("{} (history {})", e.ref_name(), e.position);
-        match layout.blob_size(&e.digest) {
-            Some(size) if size != e.size => report.problems.push(Problem {
-                kind: "bad-entry",
-                digest: Some(e.digest.clone()),
-                message: format!("{what}: index says {} bytes, blob has {size}", e.size),
-            }),
-            _ => {}
+    let mut entry_problems = Vec::new();
+    let mut entries_checked = 0;
+    let index = layout.read_index_filtered(&mut |e| {
+        entries_checked += 1;
+        check_entry(
+            layout,
+            e,
+            &corrupt_set,
+            &mut reported_missing,
+            &mut entry_problems,
+        );
+        None
+    });
+    let index = match index {
+        Ok(i) => i,
+        Err(e) => {
+            report.problems.push(Problem {
+                kind: "index",
+                digest: None,
+                message: e.to_string(),
+            });
+            return Ok(report);
         }
-        if corrupt_set.contains(&e.digest) {
-            continue;
-        }
-        let mut seen = HashSet::new();
-        match closure::walk(layout, &e.digest, &mut seen) {
-            Ok(nodes) => {
-                for n in nodes {
-                    if let Some(size) = n.size {
-                        if layout.blob_size(&n.digest) != Some(size)
-                            && !corrupt_set.contains(&n.digest)
-                        {
-                            report.problems.push(Problem {
-                                kind: "bad-size",
-                                digest: Some(n.digest.clone()),
-                                message: format!(
-                                    "{what}: blob {} should have {size} bytes, has {:?}",
-                                    n.digest,
-                                    layout.blob_size(&n.digest)
-                                ),
-                            });
-                        }
-                    }
-                }
-            }
-            Err(err) => {
-                if reported_missing.insert((e.digest.clone(), err.blob().clone())) {
-                    report.problems.push(Problem {
-                        kind: match err {
-                            closure::ClosureError::Missing { .. } => "missing-blob",
-                            closure::ClosureError::Unreadable { .. } => "bad-manifest",
-                        },
-                        digest: Some(err.blob().clone()),
-                        message: format!("{what}: {err}"),
-                    });
-                }
-            }
-        }
-    }
+    };
+    report.entries_checked = entries_checked;
+    report.problems.extend(entry_problems);
     if let Some(d) = &index.imagestreams {
-        match std::fs::read(layout.blob_path(d)) {
-            Ok(bytes) => {
-                if let Err(e) = imagestream::parse_list(&bytes, "archived ImageStream list") {
-                    report.problems.push(Problem {
-                        kind: "imagestreams",
-                        digest: Some(d.clone()),
-                        message: e.to_string(),
-                    });
-                }
+        let path = layout.blob_path(d);
+        let checked = imagestream::open(&path).and_then(|file| {
+            imagestream::check_list(file.bytes(), &format!("archived ImageStream list {d}"))
+        });
+        match checked {
+            Ok(_) => {}
+            Err(imagestream::ImageStreamError::Read { source, .. }) => {
+                report.problems.push(Problem {
+                    kind: "missing-blob",
+                    digest: Some(d.clone()),
+                    message: format!("ImageStream list {d}: {source}"),
+                })
             }
             Err(e) => report.problems.push(Problem {
-                kind: "missing-blob",
+                kind: "imagestreams",
                 digest: Some(d.clone()),
-                message: format!("ImageStream list {d}: {e}"),
+                message: e.to_string(),
             }),
         }
     }

@@ -168,6 +168,31 @@ fn archives_every_tag_and_history_image_once_and_skopeo_reads_it() {
     assert!(l["bytes_saved_by_dedup"].as_u64().unwrap() > 0, "{l}");
     let text = run_ok(0, ["list", "--archive", archive.to_str().unwrap()]).stdout;
     assert!(text.contains("team-a/"), "{text}");
+
+    // An index in another order (written by another tool: streams
+    // interleaved) lists the same.
+    let mut idx = index(&archive);
+    idx["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .sort_by_key(|m| m["digest"].as_str().unwrap().to_string());
+    std::fs::write(
+        archive.join("index.json"),
+        serde_json::to_vec(&idx).unwrap(),
+    )
+    .unwrap();
+    let reversed = run_ok(
+        0,
+        [
+            "list",
+            "--archive",
+            archive.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    )
+    .json();
+    assert_eq!(reversed, l);
 }
 
 #[test]
