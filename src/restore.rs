@@ -842,6 +842,8 @@ pub async fn restore(
 ) -> Result<(), crate::layout::LayoutError> {
     let index = layout.read_index()?;
     let (units, problems) = units(&index.entries, opts);
+    // The units hold what the push needs; the index is not needed again.
+    drop(index);
     report.problems.extend(problems);
     tracing::info!(tags = units.len(), dry_run = opts.dry_run, "restoring");
     let pusher = Arc::new(Pusher::new(client, Source::Layout(layout), opts.dry_run));
@@ -881,7 +883,7 @@ pub(crate) async fn run_units(
         std::time::Duration::from_secs(10),
         opts.progress,
     );
-    let results = transfer::bounded(units.clone(), opts.jobs.max(1), |unit: Unit| {
+    let results = transfer::bounded(units, opts.jobs.max(1), |unit: Unit| {
         let pusher = pusher.clone();
         let progress = progress.clone();
         async move {
