@@ -721,12 +721,28 @@ fn merge_index(
     let earlier = match &previous.imagestreams {
         Some(d) => {
             let path = layout.blob_path(d);
-            let file = JsonFile::open(&path).map_err(|source| LayoutError::Io {
-                op: "read ImageStream list",
-                path: path.clone(),
-                source,
-            })?;
-            Some(file)
+            match JsonFile::open(&path) {
+                Ok(file) => Some(file),
+                // Gone (removed by hand, or by a tool that does not know
+                // the archive): as damaged, below.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let problem = format!(
+                        "the archived ImageStream list {} is missing: this run keeps only its \
+                         own ImageStream objects; the volume's snapshots hold the earlier list",
+                        path.display()
+                    );
+                    tracing::error!("{problem}");
+                    report.problems.push(problem);
+                    None
+                }
+                Err(source) => {
+                    return Err(LayoutError::Io {
+                        op: "read ImageStream list",
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            }
         }
         None => None,
     };

@@ -465,6 +465,20 @@ fn a_damaged_imagestream_list_is_reported_and_not_carried_over() {
     let now = String::from_utf8(read(&list_blob())).unwrap();
     assert!(!now.contains("team-q"), "nothing damaged is carried over");
     assert!(now.contains("\"team-a\""), "this run's objects are kept");
+
+    // Gone altogether: the same, not a run that fails after downloading.
+    std::fs::remove_file(list_blob()).unwrap();
+    let r = run(backup_args(&f.registry.addr, archive, &f.imagestreams, &[]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let report = r.json();
+    assert_eq!(report["committed"], true, "{report}");
+    assert!(
+        report["problems"].to_string().contains("missing"),
+        "{report}"
+    );
+    assert!(String::from_utf8(read(&list_blob()))
+        .unwrap()
+        .contains("\"team-b\""));
 }
 
 #[test]
