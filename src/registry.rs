@@ -404,15 +404,24 @@ impl RegistryClient {
             RegistryOperation::Pull,
             || async {
                 self.stats.manifest_requests.fetch_add(1, Ordering::Relaxed);
+                let mismatch = |what: String| {
+                    Attempt::Oci(OciDistributionError::GenericError(Some(format!(
+                        "{what}; {MANIFEST_MISMATCH}"
+                    ))))
+                };
                 let (bytes, _) = self
                     .client
                     .pull_manifest_raw(&reference, &self.auth, ACCEPTED)
                     .await
-                    .map_err(Attempt::Oci)?;
+                    .map_err(|e| match e {
+                        OciDistributionError::DigestError(d) => mismatch(d.to_string()),
+                        e => Attempt::Oci(e),
+                    })?;
                 if Digest::of(&bytes) != *digest {
-                    return Err(Attempt::Oci(OciDistributionError::GenericError(Some(
-                        format!("served manifest hashes to {}", Digest::of(&bytes)),
-                    ))));
+                    return Err(mismatch(format!(
+                        "served manifest hashes to {}",
+                        Digest::of(&bytes)
+                    )));
                 }
                 // The body can be a slice of a much larger read buffer, and
                 // a plan holds every manifest it fetched until the blobs are
@@ -736,6 +745,11 @@ impl RegistryClient {
 
 /// Runs file I/O and hashing without stalling the other transfers on this
 /// executor thread (on a multi-threaded runtime).
+/// What a manifest that does not hash to its digest usually means.
+const MANIFEST_MISMATCH: &str = "a schema 1 manifest (signed, its digest covers only \
+    the unsigned payload: it cannot be archived by digest; rebuild or re-push the image as \
+    schema 2 or OCI) or damaged registry storage";
+
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),

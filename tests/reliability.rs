@@ -272,6 +272,35 @@ fn persistent_faults_fail_the_image_by_name_and_keep_the_rest() {
 }
 
 #[test]
+fn a_manifest_that_never_hashes_to_its_digest_is_explained() {
+    // What a schema 1 (signed) manifest looks like to a client: the served
+    // bytes never hash to the digest the ImageStream records.
+    let reg = Registry::start();
+    let seeded = seed(&reg, &["--preset", "small"]);
+    let image = common::tag_events(&seeded.list())[0].4.clone();
+    let proxy = Proxy::start(&reg.addr);
+    proxy.add_rule(
+        Some("GET"),
+        &format!("/manifests/{image}"),
+        Fault::Corrupt,
+        usize::MAX,
+    );
+    let work = tempfile::tempdir().unwrap();
+    let r = run(backup_args(
+        &proxy.addr,
+        &work.path().join("a"),
+        &seeded.imagestreams,
+        &["--retries", "1"],
+    ));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let report = r.json().to_string();
+    assert!(
+        report.contains(&image) && report.contains("schema 1"),
+        "{report}"
+    );
+}
+
+#[test]
 fn failing_image_keeps_what_an_earlier_run_archived_and_repair_replaces_corrupt_blobs() {
     let reg = Registry::start();
     let seeded = seed(&reg, &["--preset", "small"]);
