@@ -78,8 +78,10 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
+        // Eight attempts, 0.5 s apart and doubling up to 30 s: about a
+        // minute, which outlasts an API server's restart in an upgrade.
         Self {
-            attempts: 5,
+            attempts: 8,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
@@ -225,6 +227,20 @@ pub enum DiscoveryError {
     /// `--imagestreams-from` could not be read.
     #[error(transparent)]
     File(#[from] ImageStreamError),
+}
+
+impl DiscoveryError {
+    /// True when the API server was down or failing (no answer, 5xx, 429
+    /// after every attempt), as during a control-plane upgrade: the run
+    /// failed (exit 3) and the next one may succeed; not a configuration
+    /// error.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            DiscoveryError::Transport { .. } | DiscoveryError::Timeout { .. } => true,
+            DiscoveryError::Status { code, .. } => *code >= 500 || *code == 429,
+            _ => false,
+        }
+    }
 }
 
 /// Builds a client from the environment: the in-cluster service account, or
@@ -833,6 +849,34 @@ mod tests {
             item(json!({"kind": "Pod", "metadata": {"name": "n", "namespace": "ns"}})).unwrap_err();
         assert_eq!(ns.as_deref(), Some("ns"));
         assert!(reason.contains("\"Pod\" is not ImageStream"), "{reason}");
+    }
+
+    #[test]
+    fn an_api_server_outage_is_not_a_configuration_error() {
+        let status = |code| DiscoveryError::Status {
+            operation: "listing ImageStreams".into(),
+            scope: "all namespaces".into(),
+            code,
+            message: String::new(),
+            attempts: 8,
+        };
+        assert!(status(503).is_outage());
+        assert!(status(429).is_outage());
+        assert!(!status(404).is_outage());
+        assert!(!DiscoveryError::ClusterForbidden {
+            message: String::new()
+        }
+        .is_outage());
+        let timeout = DiscoveryError::Timeout {
+            operation: "listing ImageStreams".into(),
+            scope: "all namespaces".into(),
+            timeout: Duration::from_secs(60),
+            attempts: 8,
+        };
+        assert!(timeout.is_outage());
+        let p = RetryPolicy::default();
+        let window: Duration = (1..p.attempts).map(|a| p.delay(a, None)).sum();
+        assert!(window >= Duration::from_secs(60), "{window:?}");
     }
 
     #[test]

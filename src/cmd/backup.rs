@@ -88,7 +88,11 @@ async fn run_reported(args: BackupArgs) -> anyhow::Result<i32> {
             discovery::discover_records(&kube, &dopts, keep_objects).await
         }
     }
-    .map_err(super::config_error)?;
+    .map_err(|e| match e.is_outage() {
+        // Down or failing (an upgrade): the run failed, the setup is fine.
+        true => anyhow::Error::from(e),
+        false => super::config_error(e),
+    })?;
     tracing::debug!(
         seconds = started.elapsed().as_secs_f64(),
         streams = discovered.streams.len(),
