@@ -433,6 +433,28 @@ fn a_tag_name_no_registry_takes_fails_alone_and_the_archive_stays_readable() {
 }
 
 #[test]
+fn a_report_file_that_cannot_be_written_goes_to_stdout_and_the_backup_stands() {
+    let reg = Registry::start();
+    let seeded = seed(&reg, &["--preset", "small"]);
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("archive");
+    let not_a_dir = work.path().join("file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let report_path = not_a_dir.join("last-backup.json");
+    let mut args = backup_args(&reg, &archive, &seeded.imagestreams);
+    args.extend(["--report".into(), report_path.display().to_string()]);
+    let r = run(args);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let report = r.json();
+    assert_eq!(report["committed"], true, "{report}");
+    assert!(
+        report["problems"].to_string().contains("last-backup.json"),
+        "{report}"
+    );
+    assert_eq!(archived_events(&archive).len() as u64, seeded.items);
+}
+
+#[test]
 fn bad_input_is_a_clear_configuration_error() {
     let work = tempfile::tempdir().unwrap();
     let archive = work.path().join("archive");

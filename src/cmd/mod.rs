@@ -88,7 +88,21 @@ pub(crate) fn finish(
     use anyhow::Context;
     report.requests = crate::report::RequestCounts::from_stats(stats);
     report.seconds = started.elapsed().as_secs_f64();
-    report.emit(path).context("writing the report")?;
+    if let Err(e) = report.emit(path) {
+        let Some(p) = path else {
+            return Err(anyhow::Error::from(e).context("writing the report to stdout"));
+        };
+        // The run's outcome stands (a committed backup stays committed);
+        // the report goes where a Job's logs keep it, and says that the
+        // file is stale.
+        let problem = format!(
+            "cannot write the report to {}: {e}; it went to stdout, and the file still holds an earlier run's",
+            p.display()
+        );
+        tracing::error!("{problem}");
+        report.problems.push(problem);
+        report.emit(None).context("writing the report to stdout")?;
+    }
     let t = &report.totals;
     tracing::info!(
         images_new = t.images_new,
