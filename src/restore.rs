@@ -951,24 +951,33 @@ mod tests {
         assert!(parse_namespace_map(&["a=../x".into()]).is_err());
     }
 
-    #[test]
-    fn the_recorded_prefix_follows_the_target_history() {
-        let d = |s: &str| Digest::of(s.as_bytes());
-        let events: Vec<Entry> = ["a", "b", "a", "c"]
-            .iter()
-            .map(|s| Entry {
+    /// Digests named by letters, for history tests.
+    fn named(names: &[&str]) -> Vec<Digest> {
+        names.iter().map(|s| Digest::of(s.as_bytes())).collect()
+    }
+
+    /// One tag's archived events, oldest first, named by letters.
+    fn events_named(names: &[&str]) -> Vec<Entry> {
+        named(names)
+            .into_iter()
+            .map(|digest| Entry {
                 namespace: "ns".into(),
                 stream: "app".into(),
                 tag: "latest".into(),
                 position: 0,
-                digest: d(s),
+                digest,
                 media_type: crate::manifest::OCI_MANIFEST.into(),
                 size: 1,
                 created: Default::default(),
                 reference: Default::default(),
             })
-            .collect();
-        let h = |names: &[&str]| names.iter().map(|s| d(s)).collect::<Vec<_>>();
+            .collect()
+    }
+
+    #[test]
+    fn the_recorded_prefix_follows_the_target_history() {
+        let events = events_named(&["a", "b", "a", "c"]);
+        let h = named;
         // Everything recorded: nothing goes to the tag.
         assert_eq!(recorded_prefix(&events, &h(&["c", "a", "b", "a"])), Some(4));
         // An interrupted restore into an empty stream: after the first `a`,
@@ -985,24 +994,7 @@ mod tests {
 
     #[test]
     fn a_repeated_current_image_is_passed_only_with_what_came_between() {
-        let d = |s: &str| Digest::of(s.as_bytes());
-        let events = |names: &[&str]| -> Vec<Entry> {
-            names
-                .iter()
-                .map(|s| Entry {
-                    namespace: "ns".into(),
-                    stream: "app".into(),
-                    tag: "latest".into(),
-                    position: 0,
-                    digest: d(s),
-                    media_type: crate::manifest::OCI_MANIFEST.into(),
-                    size: 1,
-                    created: Default::default(),
-                    reference: Default::default(),
-                })
-                .collect()
-        };
-        let h = |names: &[&str]| names.iter().map(|s| d(s)).collect::<Vec<_>>();
+        let (events, h) = (events_named, named);
         let aba = events(&["a", "b", "a"]);
         // An interrupted restore: only the first `a` is there.
         assert!(!passed(&aba, &h(&["a"])));

@@ -153,17 +153,11 @@ fn archives_every_tag_and_history_image_once_and_skopeo_reads_it() {
     assert_eq!(head.header("docker-content-digest"), Some(digest));
 
     // list shows the streams and what dedup saved.
-    let l = run_ok(
-        0,
-        [
-            "list",
-            "--archive",
-            archive.to_str().unwrap(),
-            "--output",
-            "json",
-        ],
-    )
-    .json();
+    let list_json = || {
+        let archive = archive.to_str().unwrap();
+        run_ok(0, ["list", "--archive", archive, "--output", "json"]).json()
+    };
+    let l = list_json();
     assert_eq!(l["entries"].as_u64().unwrap(), seeded.items);
     assert!(l["bytes_saved_by_dedup"].as_u64().unwrap() > 0, "{l}");
     let text = run_ok(0, ["list", "--archive", archive.to_str().unwrap()]).stdout;
@@ -181,18 +175,7 @@ fn archives_every_tag_and_history_image_once_and_skopeo_reads_it() {
         serde_json::to_vec(&idx).unwrap(),
     )
     .unwrap();
-    let reversed = run_ok(
-        0,
-        [
-            "list",
-            "--archive",
-            archive.to_str().unwrap(),
-            "--output",
-            "json",
-        ],
-    )
-    .json();
-    assert_eq!(reversed, l);
+    assert_eq!(list_json(), l);
 }
 
 #[test]
