@@ -469,14 +469,28 @@ fn dry_run_reports_what_would_be_pushed_and_pushes_nothing() {
     }
 }
 
-#[test]
-fn registry_failure_stops_the_tag_and_a_rerun_resumes_in_order() {
+/// An archive, an empty registry behind a proxy, the archive's tag events,
+/// and one tag with two history items: `(ns, name, tag, "ns/name")`.
+#[allow(clippy::type_complexity)]
+fn into_empty_registry() -> (
+    common::BackedUp,
+    Registry,
+    Proxy,
+    Vec<(String, String, String, usize, String)>,
+    (String, String, String, String),
+) {
     let f = backed_up();
     let b = Registry::start();
     let proxy = Proxy::start(&b.addr);
     let events = tag_events(&f.list);
     let (ns, name, tag, _, _) = events.iter().find(|e| e.3 == 2).unwrap().clone();
     let repo = format!("{ns}/{name}");
+    (f, b, proxy, events, (ns, name, tag, repo))
+}
+
+#[test]
+fn registry_failure_stops_the_tag_and_a_rerun_resumes_in_order() {
+    let (f, b, proxy, events, (ns, name, tag, repo)) = into_empty_registry();
     // The first push to this tag (its oldest history item) fails for good.
     proxy.add_rule(
         Some("PUT"),
@@ -636,12 +650,7 @@ fn a_rerun_resumes_a_history_whose_current_image_came_before() {
 
 #[test]
 fn an_image_the_registry_refuses_for_good_does_not_keep_the_newer_ones_out() {
-    let f = backed_up();
-    let b = Registry::start();
-    let proxy = Proxy::start(&b.addr);
-    let events = tag_events(&f.list);
-    let (ns, name, tag, _, _) = events.iter().find(|e| e.3 == 2).unwrap().clone();
-    let repo = format!("{ns}/{name}");
+    let (f, b, proxy, events, (ns, name, tag, repo)) = into_empty_registry();
     let of_tag = |pos: usize| {
         events
             .iter()
