@@ -47,7 +47,7 @@ pub struct RegistryArgs {
     /// Registry host, with :port when not the default, to pull from / push to.
     #[arg(long, default_value = DEFAULT_REGISTRY, env = "ISA_REGISTRY")]
     pub registry: String,
-    /// File holding a bearer token (default: the pod's service-account token, when present).
+    /// File holding a bearer token (default: the pod's service-account token, when present and the registry is a cluster service, *.svc, over TLS).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// User name for Basic auth (with --password-file).

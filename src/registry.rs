@@ -142,7 +142,17 @@ impl RegistrySettings {
         } else if let Some(path) = &args.token_file {
             Credentials::Token(read("token file", path)?)
         } else if sa_token.is_file() {
-            Credentials::Token(read("service-account token", &sa_token)?)
+            if implicit_token_goes_to(&args.registry, args.plain_http) {
+                Credentials::Token(read("service-account token", &sa_token)?)
+            } else {
+                tracing::warn!(
+                    registry = %args.registry,
+                    "the pod's service-account token is sent on its own only to an in-cluster \
+                     registry service (*.svc) over TLS; pass --token-file {} to send it here",
+                    sa_token.display()
+                );
+                Credentials::Anonymous
+            }
         } else {
             Credentials::Anonymous
         };
@@ -169,6 +179,19 @@ impl RegistrySettings {
             attempts: args.retries,
         })
     }
+}
+
+/// Whether the pod's service-account token may be sent to `registry`
+/// without being asked for: only over TLS, and only to a service of the
+/// cluster (`*.svc`, `*.svc.cluster.local`, such as the internal registry).
+/// The token may read every ImageStream and patch the archive's claim; a
+/// mirror, a route or a plain-HTTP registry gets it only by `--token-file`.
+fn implicit_token_goes_to(registry: &str, plain_http: bool) -> bool {
+    let host = match registry.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => registry,
+    };
+    !plain_http && (host.ends_with(".svc") || host.ends_with(".svc.cluster.local"))
 }
 
 /// Counters of what the client asked the registry.
@@ -878,6 +901,28 @@ mod tests {
         assert!(sanitize("token sha256~abcdef").contains("<redacted>"));
         let d = Digest::of(b"a").to_string();
         assert!(sanitize(&format!("blob {d}")).contains(&d));
+    }
+
+    #[test]
+    fn the_service_account_token_goes_only_to_cluster_services_over_tls() {
+        assert!(implicit_token_goes_to(
+            "image-registry.openshift-image-registry.svc:5000",
+            false
+        ));
+        assert!(implicit_token_goes_to(
+            "image-registry.openshift-image-registry.svc.cluster.local:5000",
+            false
+        ));
+        assert!(!implicit_token_goes_to(
+            "image-registry.openshift-image-registry.svc:5000",
+            true
+        ));
+        assert!(!implicit_token_goes_to(
+            "default-route-openshift-image-registry.apps.example.com",
+            false
+        ));
+        assert!(!implicit_token_goes_to("quay.io", false));
+        assert!(!implicit_token_goes_to("evil.svc.example.com:443", false));
     }
 
     #[test]
