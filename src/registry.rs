@@ -73,6 +73,27 @@ impl RegistryError {
     pub fn is_config(&self) -> bool {
         matches!(self, RegistryError::Request { config: true, .. })
     }
+    /// A copy of a registry's answer (`None` for the other kinds).
+    pub fn request_copy(&self) -> Option<Self> {
+        match self {
+            RegistryError::Request {
+                op,
+                what,
+                message,
+                permanent,
+                not_found,
+                config,
+            } => Some(RegistryError::Request {
+                op,
+                what: what.clone(),
+                message: message.clone(),
+                permanent: *permanent,
+                not_found: *not_found,
+                config: *config,
+            }),
+            _ => None,
+        }
+    }
     /// True when retrying cannot help (auth, permission, full disk).
     pub fn is_permanent(&self) -> bool {
         match self {

@@ -319,6 +319,9 @@ pub(crate) struct Pusher {
     streamed: Mutex<HashMap<(String, Digest), u64>>,
     /// Blobs found damaged in the archive (file, why): not uploaded again.
     damaged: Mutex<HashMap<Digest, (PathBuf, String)>>,
+    /// Blobs the registry refused for good in a repository (a LimitRange,
+    /// a quota): not uploaded again for the next image that needs them.
+    refused: Mutex<HashMap<(String, Digest), RegistryError>>,
     dry_run: bool,
 }
 
@@ -340,6 +343,7 @@ impl Pusher {
             located: Mutex::default(),
             streamed: Mutex::default(),
             damaged: Mutex::default(),
+            refused: Mutex::default(),
             dry_run,
         }
     }
@@ -400,12 +404,24 @@ impl Pusher {
                 reason,
             }));
         }
+        let key = (repo.to_string(), digest.clone());
+        if let Some(e) = self.refused.lock().expect("pusher lock").get(&key) {
+            return Err(e.request_copy().expect("only requests are kept"));
+        }
         let r = self.ensure_blob(repo, digest).await;
-        if let Err(RegistryError::Layout(LayoutError::Damaged { path, reason, .. })) = &r {
-            self.damaged
-                .lock()
-                .expect("pusher lock")
-                .insert(digest.clone(), (path.clone(), reason.clone()));
+        match &r {
+            Err(RegistryError::Layout(LayoutError::Damaged { path, reason, .. })) => {
+                self.damaged
+                    .lock()
+                    .expect("pusher lock")
+                    .insert(digest.clone(), (path.clone(), reason.clone()));
+            }
+            Err(e) if e.is_permanent() => {
+                if let Some(copy) = e.request_copy() {
+                    self.refused.lock().expect("pusher lock").insert(key, copy);
+                }
+            }
+            _ => {}
         }
         r
     }

@@ -5,7 +5,7 @@ mod common;
 use common::proxy::Proxy;
 use common::{head_digest, run, run_ok, tag_events, Registry};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 fn backed_up() -> common::BackedUp {
@@ -491,7 +491,7 @@ fn into_empty_registry() -> (
 #[test]
 fn registry_failure_stops_the_tag_and_a_rerun_resumes_in_order() {
     let (f, b, proxy, events, (ns, name, tag, repo)) = into_empty_registry();
-    // The first push to this tag (its oldest history item) fails for good.
+    // The first push to this tag (its oldest history item) fails (a 500, retried and still failing).
     proxy.add_rule(
         Some("PUT"),
         &format!("/v2/{repo}/manifests/{tag}"),
@@ -706,4 +706,71 @@ fn an_identity_that_may_pull_but_not_push_is_refused_with_exit_2() {
     let r = run(restore_args(&f.archive, &proxy.addr, &[]));
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert_eq!(r.json()["refused"], true);
+}
+
+#[test]
+fn a_blob_the_registry_refuses_is_not_uploaded_again_for_every_image() {
+    // A quota or LimitRange refuses one shared base layer: each image of
+    // the repository that needs it fails, with one attempt at the upload.
+    let (f, _b, proxy, events, (_, _, _, repo)) = into_empty_registry();
+    let image = events
+        .iter()
+        .find(|e| format!("{}/{}", e.0, e.1) == repo)
+        .unwrap()
+        .4
+        .clone();
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(
+            f.archive
+                .join("blobs/sha256")
+                .join(image.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("a single-manifest image")
+        .trim_start_matches("sha256:")
+        .to_string();
+    let users = events
+        .iter()
+        .filter(|e| format!("{}/{}", e.0, e.1) == repo)
+        .count();
+    proxy.add_rule(
+        Some("PUT"),
+        &layer,
+        common::proxy::Fault::Status(403),
+        100_000,
+    );
+    let r = run(restore_args(
+        &f.archive,
+        &proxy.addr,
+        &["--imagestream", &repo],
+    ));
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    let failed = r.json()["imagestreams"][&repo]["failures"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(
+        failed >= 2,
+        "the images that need it fail: {failed} of {users}"
+    );
+    let uploads = proxy
+        .records()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.contains(&layer))
+        .count();
+    // Tags run at once: each may try before the other's refusal is known,
+    // and a 403 is tried once more with fresh credentials.
+    let tags: HashSet<&str> = events
+        .iter()
+        .filter(|e| format!("{}/{}", e.0, e.1) == repo)
+        .map(|e| e.2.as_str())
+        .collect();
+    assert!(
+        uploads <= 2 * tags.len(),
+        "{uploads} uploads of the refused layer for {} tags",
+        tags.len()
+    );
 }
