@@ -258,10 +258,15 @@ async fn ensure_room(
     if !capacity::needs_growth(&space, to_fetch, args.headroom) {
         return Ok(None);
     }
-    // The downloads, and a new index.json beside the old one until it
-    // replaces it.
+    // The downloads; a new index.json beside the old one until it replaces
+    // it, and a new ImageStream list (smaller than the index); and 1 % of
+    // the volume for the blocks that many small files round up to.
     let index_size = std::fs::metadata(args.archive.join("index.json")).map_or(0, |m| m.len());
-    let fits = space.free >= to_fetch.saturating_add(index_size).saturating_add(1 << 20);
+    let needed = to_fetch
+        .saturating_add(index_size.saturating_mul(2))
+        .saturating_add(space.total / 100)
+        .saturating_add(1 << 20);
+    let fits = space.free >= needed;
     let grown = match discovery::client_from_env().await {
         Ok(kube) => capacity::ensure_capacity(&kube, &req)
             .await
