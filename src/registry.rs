@@ -56,6 +56,19 @@ pub enum RegistryError {
     /// Writing into the archive failed.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// The pod's token would go to a registry it is not meant for.
+    #[error(
+        "registry {registry}: the pod's service-account token is sent on its own only to a \
+         cluster service (*.svc) over verified TLS; pass --token-file {} to send it to this \
+         registry, or --anonymous",
+        token.display()
+    )]
+    TokenNotImplied {
+        /// The registry named.
+        registry: String,
+        /// The service-account token file.
+        token: PathBuf,
+    },
 }
 
 impl RegistryError {
@@ -98,7 +111,7 @@ impl RegistryError {
     pub fn is_permanent(&self) -> bool {
         match self {
             RegistryError::Request { permanent, .. } => *permanent,
-            RegistryError::Config { .. } => true,
+            RegistryError::Config { .. } | RegistryError::TokenNotImplied { .. } => true,
             RegistryError::Layout(e) => e.is_permanent(),
         }
     }
@@ -163,17 +176,16 @@ impl RegistrySettings {
         } else if let Some(path) = &args.token_file {
             Credentials::Token(read("token file", path)?)
         } else if sa_token.is_file() {
-            if implicit_token_goes_to(&args.registry, args.plain_http) {
-                Credentials::Token(read("service-account token", &sa_token)?)
-            } else {
-                tracing::warn!(
-                    registry = %args.registry,
-                    "the pod's service-account token is sent on its own only to an in-cluster \
-                     registry service (*.svc) over TLS; pass --token-file {} to send it here",
-                    sa_token.display()
-                );
-                Credentials::Anonymous
+            if !implicit_token_goes_to(
+                &args.registry,
+                args.plain_http || args.insecure_skip_tls_verify,
+            ) {
+                return Err(RegistryError::TokenNotImplied {
+                    registry: args.registry.clone(),
+                    token: sa_token,
+                });
             }
+            Credentials::Token(read("service-account token", &sa_token)?)
         } else {
             Credentials::Anonymous
         };
@@ -203,16 +215,17 @@ impl RegistrySettings {
 }
 
 /// Whether the pod's service-account token may be sent to `registry`
-/// without being asked for: only over TLS, and only to a service of the
+/// without being asked for: only over verified TLS (`unverified`: plain
+/// HTTP or `--insecure-skip-tls-verify`), and only to a service of the
 /// cluster (`*.svc`, `*.svc.cluster.local`, such as the internal registry).
 /// The token may read every ImageStream and patch the archive's claim; a
 /// mirror, a route or a plain-HTTP registry gets it only by `--token-file`.
-fn implicit_token_goes_to(registry: &str, plain_http: bool) -> bool {
+fn implicit_token_goes_to(registry: &str, unverified: bool) -> bool {
     let host = match registry.rsplit_once(':') {
         Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
         _ => registry,
     };
-    !plain_http && (host.ends_with(".svc") || host.ends_with(".svc.cluster.local"))
+    !unverified && (host.ends_with(".svc") || host.ends_with(".svc.cluster.local"))
 }
 
 /// Counters of what the client asked the registry.
