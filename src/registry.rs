@@ -800,13 +800,13 @@ impl RegistryClient {
     }
 }
 
-/// Runs file I/O and hashing without stalling the other transfers on this
-/// executor thread (on a multi-threaded runtime).
 /// What a manifest that does not hash to its digest usually means.
 const MANIFEST_MISMATCH: &str = "a schema 1 manifest (signed, its digest covers only \
     the unsigned payload: it cannot be archived by digest; rebuild or re-push the image as \
     schema 2 or OCI) or damaged registry storage";
 
+/// Runs file I/O and hashing without stalling the other transfers on this
+/// executor thread (on a multi-threaded runtime).
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
