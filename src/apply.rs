@@ -31,7 +31,6 @@
 //! Failures are per stream: one refused stream does not stop the others.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use http::StatusCode;
 use kube::api::{GetParams, Patch, PatchParams, PostParams};
@@ -108,25 +107,10 @@ pub enum ApplyError {
     /// `index.json` could not be read.
     #[error("reading the archive's index.json")]
     Index(#[source] LayoutError),
-    /// The ImageStream list blob could not be read.
-    #[error("reading the archived ImageStream list {digest} ({path})")]
-    ReadList {
-        /// The list's digest, from `index.json`.
-        digest: Digest,
-        /// Its blob file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The ImageStream list blob does not match its digest.
-    #[error("the archived ImageStream list {digest} is corrupt: its content hashes to {actual}")]
-    ListCorrupt {
-        /// The digest `index.json` names.
-        digest: Digest,
-        /// The digest of the content found.
-        actual: Digest,
-    },
+    /// The ImageStream list blob could not be read, or no longer matches
+    /// its digest.
+    #[error("reading the archived ImageStream list")]
+    List(#[source] LayoutError),
     /// The ImageStream list is not a list of ImageStreams.
     #[error("parsing the archived ImageStream list")]
     Parse(#[source] ImageStreamError),
@@ -141,16 +125,9 @@ pub fn archived_streams(layout: &Layout) -> Result<Vec<ImageStream>, ApplyError>
     let Some(digest) = index.imagestreams else {
         return Ok(Vec::new());
     };
-    let path = layout.blob_path(&digest);
-    let bytes = std::fs::read(&path).map_err(|source| ApplyError::ReadList {
-        digest: digest.clone(),
-        path: path.clone(),
-        source,
-    })?;
-    let actual = Digest::of(&bytes);
-    if actual != digest {
-        return Err(ApplyError::ListCorrupt { digest, actual });
-    }
+    let bytes = layout
+        .read_blob_checked(&digest, crate::layout::MAX_INDEX_SIZE)
+        .map_err(ApplyError::List)?;
     imagestream::parse_list(&bytes, &format!("archived ImageStream list {digest}"))
         .map_err(ApplyError::Parse)
 }

@@ -88,7 +88,7 @@ pub enum LayoutError {
         reason: String,
     },
     /// A blob is larger than allowed for what it is.
-    #[error("blob {digest} is {size} bytes, more than the {limit} allowed for a manifest")]
+    #[error("blob {digest} is {size} bytes, more than the {limit} allowed for this kind of blob (manifests, the ImageStream list)")]
     TooLarge {
         /// The blob.
         digest: Digest,
