@@ -245,6 +245,16 @@ struct UnitResult {
     blobs_skipped: usize,
 }
 
+impl UnitResult {
+    /// Records that the registry could not say what it holds for `e` of
+    /// `unit`: a failure, and whether that was a refusal of credentials or
+    /// rights.
+    fn lookup_failed(&mut self, unit: &Unit, e: &Entry, err: &RegistryError) {
+        self.refused = err.is_config();
+        self.failures.push(unit.failure(e, format!("{err:#}")));
+    }
+}
+
 /// Where the images to push come from.
 pub(crate) enum Source {
     /// An archive directory: blobs are uploaded from their files.
@@ -627,10 +637,7 @@ impl Pusher {
         let existing = match self.client.resolve(&repo, &unit.tag).await {
             Ok(d) => d,
             Err(e) => {
-                result.refused = e.is_config();
-                result
-                    .failures
-                    .push(unit.failure(current, format!("{e:#}")));
+                result.lookup_failed(unit, current, &e);
                 return None;
             }
         };
@@ -672,24 +679,18 @@ impl Pusher {
         result: &mut UnitResult,
     ) -> Option<usize> {
         let repo = unit.repo();
-        for pair in at.windows(2).rev() {
-            let mut served = true;
+        'later: for pair in at.windows(2).rev() {
             for e in &unit.events[pair[0] + 1..pair[1]] {
                 match self.client.resolve(&repo, &e.digest.to_string()).await {
-                    Ok(d) => served = d.is_some(),
+                    Ok(Some(_)) => {}
+                    Ok(None) => continue 'later,
                     Err(err) => {
-                        result.refused = err.is_config();
-                        result.failures.push(unit.failure(e, format!("{err:#}")));
+                        result.lookup_failed(unit, e, &err);
                         return None;
                     }
                 }
-                if !served {
-                    break;
-                }
             }
-            if served {
-                return Some(pair[1]);
-            }
+            return Some(pair[1]);
         }
         Some(at[0])
     }
@@ -764,8 +765,7 @@ impl Pusher {
             let served = match self.client.resolve(&repo, &e.digest.to_string()).await {
                 Ok(d) => d.is_some(),
                 Err(err) => {
-                    result.refused = err.is_config();
-                    result.failures.push(unit.failure(e, format!("{err:#}")));
+                    result.lookup_failed(unit, e, &err);
                     if result.refused {
                         return None;
                     }
