@@ -588,6 +588,18 @@ fn intern(table: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
     }
 }
 
+/// Reports that the earlier ImageStream list at `path` is `what` (missing,
+/// damaged) and that the run carries none of its objects over.
+fn list_lost(report: &mut Report, path: &std::path::Path, what: &str) {
+    let problem = format!(
+        "the archived ImageStream list {} is {what}: this run keeps only its own ImageStream \
+         objects; the volume's snapshots hold the earlier list",
+        path.display()
+    );
+    tracing::error!("{problem}");
+    report.problems.push(problem);
+}
+
 /// Builds the new index from the previous one and this run's results.
 fn merge_index(
     layout: &Layout,
@@ -726,13 +738,7 @@ fn merge_index(
                 // Gone (removed by hand, or by a tool that does not know
                 // the archive): as damaged, below.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    let problem = format!(
-                        "the archived ImageStream list {} is missing: this run keeps only its \
-                         own ImageStream objects; the volume's snapshots hold the earlier list",
-                        path.display()
-                    );
-                    tracing::error!("{problem}");
-                    report.problems.push(problem);
+                    list_lost(report, &path, "missing");
                     None
                 }
                 Err(source) => {
@@ -779,13 +785,7 @@ fn merge_index(
             }
         });
         if let Err(e) = scanned {
-            let problem = format!(
-                "the archived ImageStream list {} is damaged ({e}): this run keeps only its own \
-                 ImageStream objects; the volume's snapshots hold the earlier list",
-                layout.blob_path(digest).display()
-            );
-            tracing::error!("{problem}");
-            report.problems.push(problem);
+            list_lost(report, &layout.blob_path(digest), &format!("damaged ({e})"));
             objects.clear();
         }
     }
