@@ -357,20 +357,38 @@ fn dry_run_plans_without_writing() {
     assert_eq!(reg.count("GET", "/blobs/"), 0, "planning reads no blob");
 }
 
-#[test]
-fn missing_image_fails_alone_and_everything_else_is_committed() {
+/// A registry seeded with the small preset, a scratch directory, the
+/// archive path in it, and the seeded list as `edit` leaves it, written
+/// there.
+fn seeded_with_list(
+    edit: impl FnOnce(&mut Value),
+) -> (
+    Registry,
+    common::SeedSummary,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     let reg = Registry::start();
     let seeded = seed(&reg, &["--preset", "small"]);
     let work = tempfile::tempdir().unwrap();
     let archive = work.path().join("archive");
     let mut list = seeded.list();
-    let ghost = format!("sha256:{}", "ab".repeat(32));
-    list["items"][0]["status"]["tags"][0]["items"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({"created":"2020-01-01T00:00:00Z","dockerImageReference":"x/y@".to_string() + &ghost,"image":ghost,"generation":1}));
+    edit(&mut list);
     let path = work.path().join("list.json");
     std::fs::write(&path, serde_json::to_vec(&list).unwrap()).unwrap();
+    (reg, seeded, work, archive, path)
+}
+
+#[test]
+fn missing_image_fails_alone_and_everything_else_is_committed() {
+    let ghost = format!("sha256:{}", "ab".repeat(32));
+    let (reg, seeded, _work, archive, path) = seeded_with_list(|list| {
+        list["items"][0]["status"]["tags"][0]["items"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"created":"2020-01-01T00:00:00Z","dockerImageReference":"x/y@".to_string() + &ghost,"image":ghost,"generation":1}));
+    });
     let r = run(backup_args(&reg, &archive, &path));
     assert_eq!(r.code, 1, "{}", r.stderr);
     let report = r.json();
@@ -389,17 +407,12 @@ fn missing_image_fails_alone_and_everything_else_is_committed() {
 fn a_tag_name_no_registry_takes_fails_alone_and_the_archive_stays_readable() {
     // `oc tag ... app:1.2.0+build7` gives a status tag the registry would
     // refuse; the archive reads no such name back.
-    let reg = Registry::start();
-    let seeded = seed(&reg, &["--preset", "small"]);
-    let work = tempfile::tempdir().unwrap();
-    let archive = work.path().join("archive");
-    let mut list = seeded.list();
-    let tags = list["items"][0]["status"]["tags"].as_array_mut().unwrap();
-    let mut odd = tags[0].clone();
-    odd["tag"] = "1.2.0+build7".into();
-    tags.push(odd);
-    let path = work.path().join("list.json");
-    std::fs::write(&path, serde_json::to_vec(&list).unwrap()).unwrap();
+    let (reg, seeded, _work, archive, path) = seeded_with_list(|list| {
+        let tags = list["items"][0]["status"]["tags"].as_array_mut().unwrap();
+        let mut odd = tags[0].clone();
+        odd["tag"] = "1.2.0+build7".into();
+        tags.push(odd);
+    });
     for run_no in 0..2 {
         let r = run(backup_args(&reg, &archive, &path));
         assert_eq!(r.code, 1, "run {run_no}: {}", r.stderr);
