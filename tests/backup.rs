@@ -430,14 +430,11 @@ fn a_tag_name_no_registry_takes_fails_alone_and_the_archive_stays_readable() {
 
 #[test]
 fn a_report_file_that_cannot_be_written_goes_to_stdout_and_the_backup_stands() {
-    let reg = Registry::start();
-    let seeded = seed(&reg, &["--preset", "small"]);
-    let work = tempfile::tempdir().unwrap();
-    let archive = work.path().join("archive");
+    let (reg, seeded, work, archive, list) = seeded_with_list(|_| {});
     let not_a_dir = work.path().join("file");
     std::fs::write(&not_a_dir, b"").unwrap();
     let report_path = not_a_dir.join("last-backup.json");
-    let mut args = backup_args(&reg, &archive, &seeded.imagestreams);
+    let mut args = backup_args(&reg, &archive, &list);
     args.extend(["--report".into(), report_path.display().to_string()]);
     let r = run(args);
     assert_eq!(r.code, 1, "{}", r.stderr);
